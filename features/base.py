@@ -29,8 +29,13 @@ class Backbone(abc.ABC):
         without weights). The embedding cache keys entries on it.
     device : torch.device
         Device the backbone runs on.
+    recommended_score : str
+        Patch score that suits these embeddings: ``"cosine"`` for L2-normalised
+        embeddings whose direction carries the meaning (DINOv2), ``"euclidean"`` for
+        features whose magnitudes matter (the offline backbone). Configs use it.
     """
 
+    recommended_score: str = "cosine"
     name: str
     dim: int
     patch_size: int
