@@ -131,6 +131,14 @@ class ComponentFamily(abc.ABC):
 
     @staticmethod
     @abc.abstractmethod
+    def affine_transform(params: dict[str, torch.Tensor], shift: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Map parameters fitted on ``(x - shift) / scale`` to the units of ``x``.
+
+        ``shift`` and ``scale`` have shape (dim,).
+        """
+
+    @staticmethod
+    @abc.abstractmethod
     def draw(params: dict[str, torch.Tensor], index: torch.Tensor) -> torch.Tensor:
         """Draw one point from component ``index[n]`` for each n; returns (len(index), dim)."""
 
@@ -248,6 +256,10 @@ class DiagonalGaussian(ComponentFamily):
         return 1.0 / params["precision"]
 
     @staticmethod
+    def affine_transform(params, shift, scale):
+        return {"loc": params["loc"] * scale + shift, "precision": params["precision"] / scale**2}
+
+    @staticmethod
     def draw(params, index):
         loc, precision = params["loc"][index], params["precision"][index]
         return loc + torch.randn_like(loc) * precision.rsqrt()
@@ -348,6 +360,11 @@ class FullGaussian(ComponentFamily):
     def covariance(params):
         tril = params["precision_tril"]
         return torch.cholesky_inverse(tril)
+
+    @staticmethod
+    def affine_transform(params, shift, scale):
+        # Lambda_x = S^-1 Lambda S^-1 with S = diag(scale), so L_x = S^-1 L stays lower triangular.
+        return {"loc": params["loc"] * scale + shift, "precision_tril": params["precision_tril"] / scale.unsqueeze(-1)}
 
     @staticmethod
     def draw(params, index):

@@ -152,13 +152,17 @@ class DPMM:
 def rows_as_tensor(data, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Gather rows ``index`` of a tensor or (memory-mapped) array as a tensor like ``like``.
 
-    A memory-mapped array is indexed with sorted rows, so only those pages are read.
+    Anything but a tensor is indexed with the rows sorted, so a memory-mapped array reads
+    only those pages in file order; the rows then come back in sorted order, which the
+    likelihood, a sum over the minibatch, does not depend on.
     """
     if isinstance(data, torch.Tensor):
         rows = data[index.to(data.device)]
     else:
         order = np.sort(index.cpu().numpy())
-        rows = torch.from_numpy(np.asarray(data[order]))
+        rows = data[order]
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.from_numpy(np.asarray(rows))
     return rows.to(device=like.device, dtype=like.dtype)
 
 
