@@ -17,10 +17,13 @@ of its ``settings`` with sorted keys, the storage dtype and the sha256 of the im
 file's bytes. The same image file in two datasets is therefore one entry, and changing
 any of these inputs is a cache miss.
 
-Every file is written to a temporary file in its final directory, fsynced and moved into
-place with :func:`os.replace`. A reader therefore sees either no file or a complete one,
-an interrupted extraction resumes from the entries already written, and two processes
-that fill the same cache overwrite each other's entries with identical content.
+Every file is written to a temporary file in its final directory and moved into place
+with :func:`os.replace`, so a reader sees either no file or a complete one. An
+interrupted extraction therefore resumes from the entries already written, and two
+processes that fill the same cache overwrite each other's entries with the same
+embeddings (up to the backbone's own nondeterminism, on a GPU for example).
+Entry and bundle files are fsynced before the move. Sidecars and directories are not,
+so a power loss can undo the last renames, which makes those entries misses.
 Temporary files are named ``.<final name>.<random>.tmp``. A killed process can leave
 them behind, and :meth:`EmbeddingCache.clear` removes them.
 
@@ -89,24 +92,13 @@ def json_sha256(value: Any) -> str:
     return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename in ``directory`` on file systems that support it (POSIX)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path that replaces ``path`` when the block exits without error.
 
     The caller writes the complete file to the yielded path and closes it. On success the
-    file is fsynced and moved onto ``path`` with :func:`os.replace`. On an exception,
-    including KeyboardInterrupt, the temporary file is removed.
+    file is fsynced (if ``durable``) and moved onto ``path`` with :func:`os.replace`. On
+    an exception, including KeyboardInterrupt, the temporary file is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -114,23 +106,27 @@ def atomic_path(path: Path) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
-        descriptor = os.open(temporary_path, os.O_RDWR)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        if durable:
+            _fsync_file(temporary_path)
         # mkstemp makes the file readable only by its owner. Cache files get the usual 0644.
         os.chmod(temporary_path, 0o644)
         os.replace(temporary_path, path)
     except BaseException:
         temporary_path.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_json_atomic(path: Path, value: Any, *, durable: bool = True) -> None:
     """Write ``value`` as indented JSON to ``path`` atomically."""
-    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as file:
+    with atomic_path(path, durable=durable) as temporary, open(temporary, "w", encoding="utf-8") as file:
         json.dump(value, file, indent=1, sort_keys=True)
 
 
@@ -298,8 +294,9 @@ class EmbeddingCache:
             "grid": list(embedding.shape[:2]),
             "image": str(source),
         }
-        # The sidecar goes first, so every complete .npy entry has a sidecar.
-        write_json_atomic(path.with_suffix(".json"), sidecar)
+        # The sidecar goes first, so after a process crash every .npy entry has one. Readers
+        # never need it, so it skips the fsync, which costs milliseconds per file.
+        write_json_atomic(path.with_suffix(".json"), sidecar, durable=False)
         write_npy_atomic(path, np.ascontiguousarray(embedding, dtype=self.dtype))
         return path
 

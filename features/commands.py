@@ -99,7 +99,15 @@ def _load_backbone(args: argparse.Namespace):
     # Imported here so that `cache info` and `--help` do not import the model code.
     from .backbones import load_backbone
 
-    return load_backbone(args.backbone, weights=args.weights, device=args.device, resolution=args.resolution)
+    # embed_split shows the progress bar and already batches the images.
+    return load_backbone(
+        args.backbone,
+        weights=args.weights,
+        device=args.device,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        progress=False,
+    )
 
 
 def run_embed(args: argparse.Namespace) -> int:

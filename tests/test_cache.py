@@ -476,8 +476,17 @@ def fake_backbones_module(monkeypatch):
     """Replace ``dinodpmm.features.backbones`` with a module whose ``load_backbone`` returns a FakeBackbone."""
     requests: list[dict] = []
 
-    def load_backbone(name, *, weights=None, device="cpu", resolution=448):
-        requests.append({"name": name, "weights": weights, "device": device, "resolution": resolution})
+    def load_backbone(name, *, weights=None, device="cpu", resolution=448, batch_size=8, progress=None):
+        requests.append(
+            {
+                "name": name,
+                "weights": weights,
+                "device": device,
+                "resolution": resolution,
+                "batch_size": batch_size,
+                "progress": progress,
+            }
+        )
         if name != "fake":
             raise ValueError(f"unknown backbone {name!r}; available: fake")
         return FakeBackbone()
@@ -511,7 +520,14 @@ def test_embed_command_fills(tmp_path, fake_backbones_module, capsys):
     output = capsys.readouterr().out
     assert "train: 3 images (3 normal, 0 anomalous), 36 patches x 4 float16" in output
     assert "test: 4 images (2 normal, 2 anomalous), 48 patches x 4 float16" in output
-    assert fake_backbones_module[0] == {"name": "fake", "weights": None, "device": "cpu", "resolution": 224}
+    assert fake_backbones_module[0] == {
+        "name": "fake",
+        "weights": None,
+        "device": "cpu",
+        "resolution": 224,
+        "batch_size": 2,
+        "progress": False,
+    }
     assert EmbeddingCache(tmp_path / "cache").info().num_entries == 7
 
 
