@@ -356,3 +356,40 @@ def test_counts_beyond_float32_precision():
     assert pixels.num_pixels == num_pixels
     assert result["pixel_auroc"] == pytest.approx(auroc, abs=1e3 * EPS)
     assert result["pixel_aupr"] == pytest.approx(ap, abs=1e3 * EPS)
+
+
+# -- real brain MRI masks ----------------------------------------------------------------
+
+
+def test_real_masks_end_to_end(lgg_root):
+    # Mean FLAIR intensity per 16 px patch as the patch score. Tumours are hyperintense,
+    # so this simple baseline detects part of them and its AUPRO lies inside (0, 1).
+    from PIL import Image
+
+    from dinodpmm.experiments.scoring import anomaly_map, image_score
+
+    anomalous = sorted((lgg_root / "test" / "Ungood" / "img").glob("*.png"))[:12]
+    normal = sorted((lgg_root / "test" / "good" / "img").glob("*.png"))[:12]
+    pixels, maps, masks, image_values = PixelMetrics(), [], [], []
+    for path in anomalous + normal:
+        image = np.asarray(Image.open(path), dtype=np.float32) / 255
+        label_path = lgg_root / "test" / "Ungood" / "label" / path.name
+        mask = np.asarray(Image.open(label_path)) if path in anomalous else np.zeros(image.shape, np.uint8)
+        patches = image.reshape(16, 16, 16, 16).mean(axis=(1, 3)).reshape(-1)
+        heat = anomaly_map(patches, (16, 16), image.shape, sigma=4.0)
+        pixels.update(heat, mask)
+        maps.append(heat)
+        masks.append(mask > 0)
+        image_values.append(image_score(patches))
+    labels = [True] * len(anomalous) + [False] * len(normal)
+    result = evaluate(image_values, labels, pixels, normal_scores=np.concatenate(maps[len(anomalous):]))
+    all_masks, all_maps = np.concatenate(masks).ravel(), np.concatenate(maps).ravel()
+    assert pixels.num_regions >= len(anomalous)
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, image_values), abs=24 * EPS)
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(all_masks, all_maps), abs=all_maps.size * EPS)
+    assert result["pixel_aupr"] == pytest.approx(average_precision_score(all_masks, all_maps), abs=all_maps.size * EPS)
+    assert 0.0 < result["aupro"] < 1.0
+    # A higher fpr leaves more normal scores above the threshold, so the threshold is lower.
+    assert result["threshold_fpr10"] <= result["threshold_fpr05"] <= result["threshold_fpr01"]
+    for key in ("dice_fpr10", "dice_fpr05", "dice_fpr01"):
+        assert 0.0 <= result[key] <= 1.0, key
