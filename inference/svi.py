@@ -29,7 +29,7 @@ import pyro.distributions as dist
 import pyro.optim
 import torch
 from pyro.infer import SVI, TraceMeanField_ELBO
-from torch.distributions import Beta, Gamma
+from pyro.distributions import Beta, Gamma
 from tqdm.auto import tqdm
 
 from ..models.components import ComponentFamily, get_family
@@ -111,7 +111,7 @@ class MeanFieldGuide:
         if q_alpha is not None:
             pyro.sample("alpha", q_alpha)
         with pyro.plate("sticks", self.dpmm.truncation - 1):
-            pyro.sample("sticks", self.stick_distribution(q))
+            pyro.sample("v", self.stick_distribution(q))
         with pyro.plate("components", self.dpmm.truncation):
             self.dpmm.family.sample_guide(self.component_parameters(q))
         with pyro.plate("data", len(data), subsample=subsample):
@@ -252,7 +252,8 @@ def fit_svi(
     family = get_family(covariance).from_data((sample - shift) / scale, **(family_options or {}))
     dpmm = DPMM(family, truncation, alpha=alpha, alpha_prior=alpha_prior, discount=discount)
     centers, variance, counts = kmeans_init((sample - shift) / scale, truncation, kmeans_iterations, generator)
-    guide = MeanFieldGuide(dpmm, centers, variance, counts * (num_points / len(sample)))
+    counts = counts * (num_points / len(sample))
+    guide = MeanFieldGuide(dpmm, centers, variance, counts)
 
     loss = MeanFieldELBO(dpmm, guide) if elbo == "mean-field" else TraceMeanField_ELBO()
     decay = (final_learning_rate / learning_rate) ** (1.0 / max(total_steps, 1))

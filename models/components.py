@@ -199,8 +199,11 @@ def _initial_loc_scale(centers: torch.Tensor, data_variance: torch.Tensor) -> to
 class DiagonalGaussian(ComponentFamily):
     """Gaussian components with diagonal covariance.
 
-    Prior: ``loc_kd ~ Normal(m_d, s_d)`` and precision ``tau_kd ~ Gamma(a, a * var_d)``,
-    so ``E[tau_kd] = 1 / var_d``; ``a = precision_shape`` (default 1, a weak prior).
+    Prior: ``loc_kd ~ Normal(m_d, s_d)`` and precision ``tau_kd ~ Gamma(nu / 2, nu * var_d / 2)``,
+    so ``E[tau_kd] = 1 / var_d``, with ``nu = precision_dof`` (default: ``dim``, as the
+    Wishart degrees of freedom of scikit-learn's ``BayesianGaussianMixture``). A component
+    backed by far fewer than ``nu`` points is pulled towards the data-wide variance, which
+    spreads its density thin so that it loses its points to better-supported components.
     Variational family: ``loc ~ Normal`` (mean-field) and a point estimate of the
     variance. ``reg_covar`` is added to every variance, like scikit-learn's
     parameter of that name, and keeps components from collapsing onto single points.
@@ -208,18 +211,21 @@ class DiagonalGaussian(ComponentFamily):
 
     name = "diag"
 
-    def __init__(self, loc_mean, loc_scale, data_variance, *, precision_shape: float = 1.0, reg_covar: float = 1e-6):
+    def __init__(
+        self, loc_mean, loc_scale, data_variance, *, precision_dof: float | None = None, reg_covar: float = 1e-6
+    ):
         super().__init__(loc_mean, loc_scale, data_variance)
-        if precision_shape <= 0:
-            raise ValueError(f"precision_shape must be positive, got {precision_shape!r}.")
+        precision_dof = float(self.dim) if precision_dof is None else precision_dof
+        if precision_dof <= 0:
+            raise ValueError(f"precision_dof must be positive, got {precision_dof!r}.")
         if reg_covar < 0:
             raise ValueError(f"reg_covar must be non-negative, got {reg_covar!r}.")
-        self.precision_shape = precision_shape
+        self.precision_dof = precision_dof
         self.reg_covar = reg_covar
 
     def _precision_prior(self) -> dist.Gamma:
-        rate = self.precision_shape * self.data_variance
-        return dist.Gamma(torch.full_like(rate, self.precision_shape), rate)
+        shape = 0.5 * self.precision_dof
+        return dist.Gamma(torch.full_like(self.data_variance, shape), shape * self.data_variance)
 
     def sample_prior(self, num_components):
         loc = self.sample_loc(num_components)

@@ -112,7 +112,7 @@ class DPMM:
         """
         alpha = self.sample_alpha()
         with pyro.plate("sticks", self.truncation - 1):
-            sticks = pyro.sample("sticks", stick_prior(alpha, self.truncation, self.discount))
+            sticks = pyro.sample("v", stick_prior(alpha, self.truncation, self.discount))
         with pyro.plate("components", self.truncation):
             params = self.family.sample_prior(self.truncation)
         log_weights = log_weights_from_sticks(sticks)

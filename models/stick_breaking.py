@@ -10,7 +10,7 @@ logs does not.
 from __future__ import annotations
 
 import torch
-from torch.distributions import Beta
+from pyro.distributions import Beta
 
 
 def stick_breaking_log_weights(log_sticks: torch.Tensor, log1m_sticks: torch.Tensor) -> torch.Tensor:
@@ -59,7 +59,8 @@ def stick_prior(alpha: torch.Tensor | float, truncation: int, discount: float = 
     torch.distributions.Beta with batch shape (..., truncation - 1)
     """
     check_stick_parameters(truncation, discount)
-    alpha = torch.as_tensor(alpha, dtype=torch.get_default_dtype())
+    if not isinstance(alpha, torch.Tensor):
+        alpha = torch.tensor(float(alpha))
     index = torch.arange(1, truncation, dtype=alpha.dtype, device=alpha.device)
     concentration0 = alpha.unsqueeze(-1) + discount * index
     concentration1 = torch.full_like(concentration0, 1.0 - discount)
