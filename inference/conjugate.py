@@ -8,11 +8,12 @@ Two priors on the parameters of a Gaussian component, one per component family:
   and ``mu | Sigma ~ Normal(mean, Sigma / kappa0)``.
 
 Each prior builds a :class:`ClusterStatistics` object that stores the posterior
-hyperparameters of many clusters in preallocated slots, updates one slot in O(dim) (diag)
-or O(dim^2) (full) when a point is added or removed, and evaluates the posterior
-predictive (Student-t) log-density of one point under every slot in one vectorised call.
-Formulas follow Murphy (2007), "Conjugate Bayesian analysis of the Gaussian
-distribution", sections 8 (Normal-Gamma, per dimension) and 9 (Normal-inverse-Wishart).
+hyperparameters of many clusters in preallocated slots. Adding or removing a point updates
+one slot in O(dim) (diag) or O(dim^2) (full), and one vectorised call evaluates the
+posterior predictive (Student-t) log-density of a point under every slot.
+These are the standard conjugate updates, as collected in Murphy (2007), "Conjugate
+Bayesian analysis of the Gaussian distribution"; the tests check every predictive against
+ratios of marginal likelihoods.
 
 All arithmetic is numpy float64: the sampler calls these methods once per point, where
 numpy's per-call overhead is several times lower than torch's.
@@ -34,7 +35,7 @@ LOG_PI = math.log(math.pi)
 _VARIANCE_FLOOR = 1e-12
 
 # A rank-one downdate whose determinant ratio falls below this value has lost most of its
-# significant digits to cancellation; the cluster is then refactorised from its points.
+# significant digits to cancellation. The caller then refactorises the cluster from its points.
 _DOWNDATE_MIN_RATIO = 1e-8
 
 
@@ -242,7 +243,7 @@ class _Grouping:
 class ClusterStatistics(abc.ABC):
     """Posterior hyperparameters of the clusters of one partition, in numbered slots.
 
-    A slot with ``counts[k] == 0`` holds the prior and is free. Slots beyond the number
+    A slot with ``counts[k] == 0`` is at the prior and free. Slots beyond the number
     the caller uses are never read. ``add``/``remove`` keep every cached quantity of the
     predictive consistent, and ``reset`` rebuilds all slots from the points, which also
     discards the rounding error of many rank-one updates.

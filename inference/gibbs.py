@@ -1,16 +1,16 @@
 """Collapsed Gibbs sampling for the Dirichlet process mixture of Gaussians.
 
 The sampler is Algorithm 3 of Neal (2000), "Markov chain sampling methods for Dirichlet
-process mixture models": the component parameters are integrated out under a conjugate
-prior (:mod:`dinodpmm.inference.conjugate`), the mixture weights under the Chinese
-restaurant process (CRP), and each point is reassigned in turn given all others, with
+process mixture models". The component parameters are integrated out under a conjugate
+prior (:mod:`dinodpmm.inference.conjugate`) and the mixture weights under the Chinese
+restaurant process (CRP). Each point is then reassigned in turn given all others, with
 probability proportional to ``n_k p(x | cluster k)`` for an existing cluster and
 ``alpha p(x)`` for a new one.
 
 Optional moves on top of the point-wise scan:
 
 - the concentration ``alpha`` under a Gamma(shape, rate) prior, resampled once per sweep
-  with the auxiliary-variable step of Escobar and West (1995), section 6;
+  with the auxiliary-variable step of Escobar and West (1995);
 - split-merge proposals with a restricted Gibbs launch state (Jain and Neal 2004,
   "A split-merge Markov chain Monte Carlo procedure for the Dirichlet process mixture
   model", conjugate case), which move whole clusters where single-point moves would have
@@ -45,7 +45,8 @@ _PRIORS = {"diag": NormalGamma, "full": NormalInverseWishart}
 
 # Split-merge proposals per sweep when `split_merge=True`, and restricted Gibbs scans
 # that move the launch state towards a plausible split before the final proposal scan.
-# Jain and Neal (2004) report good mixing with about 5 intermediate scans.
+# Both are estimates: each proposal costs about (scans + 1) x (size of the two clusters)
+# point updates, so one proposal with 5 scans already costs a few sweeps on balanced data.
 _DEFAULT_SPLIT_MERGE_PROPOSALS = 1
 _INTERMEDIATE_SCANS = 5
 
@@ -57,7 +58,7 @@ _STD_FLOOR = 1e-12
 def update_alpha(
     alpha: float, num_clusters: int, num_points: int, shape: float, rate: float, rng: np.random.Generator
 ) -> float:
-    """Draw the concentration given the number of clusters (Escobar and West 1995, section 6).
+    """Draw the concentration given the number of clusters (Escobar and West 1995).
 
     With ``alpha ~ Gamma(shape, rate)`` and ``k`` clusters among ``n`` points, draw
     ``eta ~ Beta(alpha + 1, n)``, then ``alpha`` from the two-component mixture
@@ -211,9 +212,13 @@ class CollapsedGibbsChain:
 
         The seeds are drawn on the standardised data with this chain's generator, so chains
         start from different partitions. The default ``num_clusters`` is twice the CRP prior
-        mean of the number of clusters: single-point moves empty a surplus cluster easily,
-        but seldom open a new one, since under a vague prior (small ``kappa0``) a new
-        singleton pays a large Occam penalty.
+        mean of the number of clusters. Starting high is deliberate: single-point moves
+        empty a surplus cluster easily but seldom open a new one, because under a vague
+        prior (small ``kappa0``) a new singleton pays a large Occam penalty.
+
+        NOTE: a surplus cluster that splits a true cluster in two drains by a random walk
+        of single points, which takes many sweeps when both halves contain hundreds of
+        points; split-merge proposals shorten this.
         """
         if num_clusters is None:
             num_clusters = 2 * math.ceil(expected_num_clusters(self.alpha, self.num_points))
@@ -359,8 +364,8 @@ class CollapsedGibbsChain:
 def _remove_point(statistics, slot, x, members) -> None:
     """Remove ``x`` from ``slot``; if the downdate fails, rebuild the slot from ``members()``.
 
-    ``members`` returns the points of the slot without ``x``, shape (num_members, dim); it
-    is only called in the rare case that a full-covariance downdate loses precision.
+    ``members`` returns the points of the slot without ``x``, shape (num_members, dim). It is
+    called only when a full-covariance downdate loses precision, which is rare.
     """
     try:
         statistics.remove(slot, x)
@@ -401,6 +406,9 @@ def fit_gibbs(
 ) -> Posterior:
     """Sample the DP mixture posterior with collapsed Gibbs chains.
 
+    NOTE: the chains run one after another in this process, and one sweep over N points
+    costs N Python-level steps, so expect seconds per sweep at N = 10,000; use ``subsample``.
+
     Parameters
     ----------
     data : torch.Tensor or np.ndarray of shape (num_points, dim)
@@ -438,7 +446,7 @@ def fit_gibbs(
     Posterior
         ``algorithm="gibbs"``. ``params`` and ``log_weights`` pool the clusters of every
         chain's final state, each cluster weighted by ``count / (num_points * num_chains)``,
-        with posterior-mean parameters (``E[mu]``, ``E[precision]``). ``draws`` holds one
+        with posterior-mean parameters (``E[mu]``, ``E[precision]``). ``draws`` contains one
         entry per kept sweep and chain: ``weights`` (num_samples, max_clusters) drawn from
         ``Dirichlet(counts)``, the posterior of the relative weights of the occupied
         clusters, and ``loc`` (num_samples, max_clusters, dim) drawn from each cluster's
@@ -544,7 +552,10 @@ def _resolve_prior(prior, covariance, points) -> ConjugatePrior:
             f"{covariance!r}; pass a {_PRIORS[covariance].__name__} or change covariance."
         )
     if prior.dim != points.shape[1]:
-        raise ValueError(f"prior has dimension {prior.dim}, but data has dimension {points.shape[1]}.")
+        raise ValueError(
+            f"prior has dimension {prior.dim}, but data has dimension {points.shape[1]}; "
+            "build the prior from the same embeddings, or pass prior=None."
+        )
     return prior
 
 
@@ -557,19 +568,18 @@ def _run_chain(points, prior, settings, seed_sequence, chain_index, bar) -> dict
     )
     start = time.perf_counter()
     chain.initialise()
+
     trace = {"num_clusters": [], "alpha": [], "log_likelihood": []}
-    kept = {"weights": [], "loc": [], "alpha": []}
+    kept_draws = {"weights": [], "loc": [], "alpha": []}
     for sweep in range(settings["num_sweeps"]):
         chain.sweep()
         trace["num_clusters"].append(chain.num_clusters)
         trace["alpha"].append(chain.alpha)
         trace["log_likelihood"].append(chain.log_likelihood())
         if sweep >= settings["burn_in"] and (sweep - settings["burn_in"]) % settings["thin"] == 0:
-            slots = np.arange(chain.num_slots)
-            kept["weights"].append(draw_rng.dirichlet(chain.statistics.counts[slots].astype(np.float64)))
-            kept["loc"].append(chain.statistics.sample_loc(slots, draw_rng))
-            kept["alpha"].append(chain.alpha)
+            _record_draw(chain, kept_draws, draw_rng)
         bar.update(1)
+
     elapsed = time.perf_counter() - start
     logger.info(
         "gibbs chain %d: %d sweeps over %d points in %.1f s (%.2f sweeps/s), %d clusters at the end, "
@@ -580,7 +590,15 @@ def _run_chain(points, prior, settings, seed_sequence, chain_index, bar) -> dict
     slots = np.arange(chain.num_slots)
     final = chain.statistics.posterior_mean_params(slots)
     final["counts"] = chain.statistics.counts[slots].copy()
-    return {"trace": trace, "kept": kept, "final": final}
+    return {"trace": trace, "kept": kept_draws, "final": final}
+
+
+def _record_draw(chain, kept_draws, rng) -> None:
+    """Append Dirichlet(counts) weights, Student-t means and alpha of the chain's current state."""
+    slots = np.arange(chain.num_slots)
+    kept_draws["weights"].append(rng.dirichlet(chain.statistics.counts[slots].astype(np.float64)))
+    kept_draws["loc"].append(chain.statistics.sample_loc(slots, rng))
+    kept_draws["alpha"].append(chain.alpha)
 
 
 def _build_posterior(runs, family, settings) -> Posterior:

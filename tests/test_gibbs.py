@@ -1,8 +1,8 @@
 """Tests of the conjugate cluster statistics and the collapsed Gibbs sampler.
 
-Distributional tests compare sampler frequencies with exact answers by a chi-square or
-Kolmogorov-Smirnov test at a fixed significance level; under a correct sampler each fails
-with probability ``SIGNIFICANCE``, and every test is seeded, so a pass is reproducible.
+Distributional tests compare sampler frequencies with exact probabilities by a chi-square
+or Kolmogorov-Smirnov test at a fixed significance level. Under a correct sampler each
+fails with probability ``SIGNIFICANCE``, and every test is seeded, so a pass is reproducible.
 """
 
 import math
@@ -294,11 +294,11 @@ def test_separated_clusters_converge():
     posterior = fit_gibbs(points, num_chains=4, num_sweeps=100, burn_in=30, seed=1, progress=False)
     count = component_count(posterior)
     assert count.pmf().get(3, 0.0) > 0.9
-    kept = np.array(posterior.trace["num_clusters"], dtype=np.float64)[:, 30:]  # chain draw
+    kept_counts = np.array(posterior.trace["num_clusters"], dtype=np.float64)[:, 30:]  # chain draw
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23 warns about its refactor on import
         import arviz
-    assert float(arviz.rhat(kept)) < 1.01
+    assert float(arviz.rhat(kept_counts)) < 1.01
 
 
 @pytest.fixture(scope="module")
