@@ -56,9 +56,10 @@ _PRIORS = {"diag": NormalGamma, "full": NormalInverseWishart}
 # direction already makes the whole matrix ill-conditioned.
 JITTER = {"diag": 1e-6, "full": 1e-3}
 
-# Components whose running expected count falls below this many points keep their
-# previous mean and covariance: the moments of so little mass are rounding noise. Their
-# weight still follows the count, so they fade out.
+# Expected count below which a component's moments are rounding noise. With point
+# estimates such a component keeps its previous mean and covariance, and with
+# variational posteriors it falls back to the prior. Its weight still follows the count,
+# so it fades out.
 _MIN_COUNT = 1e-6
 
 # Size of the random subsample for the k-means++ seeding: this many points per component,
@@ -532,7 +533,10 @@ def _validation_tensor(validation, dim) -> torch.Tensor:
         validation = torch.cat([_as_tensor(v) for v in validation])
     validation = _as_tensor(validation[:] if hasattr(validation, "shape") else np.asarray(validation))
     if validation.ndim != 2 or validation.shape[1] != dim:
-        raise ValueError(f"validation must have shape (num_points, {dim}), got {tuple(validation.shape)}.")
+        raise ValueError(
+            f"validation must have shape (num_points, {dim}) like the training patches, got "
+            f"{tuple(validation.shape)}; embed the validation images with the same backbone."
+        )
     return validation
 
 
