@@ -1,0 +1,178 @@
+"""The ``dinodpmm diagnose`` and ``dinodpmm compare`` subcommands.
+
+:func:`register` adds both to the subparsers of the ``dinodpmm`` command; each handler is a
+function ``(args) -> int`` stored as ``args.handler``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+POSTERIOR_FILE = "posterior.safetensors"
+INFERENCE_DATA_FILE = "inference_data.nc"
+FIGURES_DIR = "figures"
+
+# Exit status for a user error (missing file or folder, invalid option), as argparse uses.
+USAGE_ERROR = 2
+
+
+def register(subparsers) -> None:
+    """Add the ``diagnose`` and ``compare`` subcommands to ``subparsers``."""
+    diagnose = subparsers.add_parser(
+        "diagnose",
+        help="convergence summary, netCDF inference data and diagnostic plots of a fitted run",
+        description=(
+            f"Read RUN_DIR/{POSTERIOR_FILE}, write RUN_DIR/{INFERENCE_DATA_FILE}, print the ArviZ "
+            f"summary (R-hat, bulk and tail ESS) and write figures under RUN_DIR/{FIGURES_DIR}/."
+        ),
+    )
+    diagnose.add_argument("run_dir", type=Path, help="run folder that contains posterior.safetensors")
+    diagnose.add_argument(
+        "--num-points", type=int, default=None,
+        help="points whose occupied components are counted (default: the number the posterior was fitted on)",
+    )
+    diagnose.add_argument("--num-samples", type=int, default=1000, help="draws from a variational posterior")
+    diagnose.add_argument("--seed", type=int, default=0, help="seed of the variational draws")
+    diagnose.set_defaults(handler=run_diagnose)
+
+    from .compare import ALGORITHMS
+
+    compare = subparsers.add_parser(
+        "compare",
+        help="fit several inference algorithms on the same embeddings and tabulate them",
+        description=(
+            "Embed the training and test images of CONFIG once, fit each algorithm on the same "
+            "training patches, and write a markdown table, a CSV file and a figure with held-out "
+            "log-likelihood, number of components, wall time and image and pixel AUROC."
+        ),
+    )
+    compare.add_argument("config", type=Path, help="experiment configuration (YAML)")
+    compare.add_argument(
+        "--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+        help="algorithms to fit (default: all)",
+    )
+    compare.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: ./compare-<config file name without suffix>)"
+    )
+    compare.set_defaults(handler=run_compare)
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return USAGE_ERROR
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """Write the inference data, print the summary and write the figures of ``args.run_dir``."""
+    from ..inference.diagnostics import inference_data, plot_diagnostics, save_inference_data
+    from ..inference.posterior import Posterior
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        return _error(f"run folder not found: {run_dir}; pass the folder that `dinodpmm fit` wrote.")
+    posterior_path = run_dir / POSTERIOR_FILE
+    if not posterior_path.is_file():
+        return _error(f"{POSTERIOR_FILE} not found in {run_dir}; fit a posterior there first.")
+    try:
+        posterior = Posterior.load(posterior_path)
+        idata = inference_data(posterior, args.num_points, args.num_samples, args.seed)
+    except ValueError as error:
+        return _error(str(error))
+
+    netcdf_path = save_inference_data(idata, run_dir / INFERENCE_DATA_FILE)
+    print(f"inference data: {netcdf_path}")
+    _print_summary(idata)
+    for path in plot_diagnostics(idata, run_dir / FIGURES_DIR):
+        print(f"figure: {path}")
+    return 0
+
+
+def _print_summary(idata) -> None:
+    from ..inference.diagnostics import summarize
+
+    attributes = idata.posterior.attrs
+    num_chains = idata.posterior.sizes["chain"]
+    print(f"algorithm: {attributes['algorithm']}, backbone: {attributes['backbone']}, chains: {num_chains}")
+    if num_chains < 2:
+        print(
+            "R-hat needs several chains: this posterior is one chain of independent variational "
+            "draws, so R-hat is NaN and the ESS only reflects the number of draws."
+        )
+    summary, constants = summarize(idata)
+    if summary is not None:
+        print(summary.to_string())
+    for name, value in constants.items():
+        print(f"{name} is constant at {value:g} in every draw (no R-hat or ESS)")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Fit ``args.algorithms`` on the embeddings of ``args.config`` and write the comparison."""
+    from .config import ConfigError, load_config
+    from .runner import RunError
+
+    if not Path(args.config).is_file():
+        return _error(f"config file not found: {args.config}; pass a YAML experiment configuration.")
+    try:
+        config = load_config(args.config)
+        rows, backbone = _compare_from_config(config, args.algorithms)
+    except (ConfigError, RunError, FileNotFoundError) as error:
+        return _error(str(error))
+    out_dir = Path(args.out) if args.out is not None else Path(f"compare-{Path(args.config).stem}")
+    for path in _write_comparison(rows, out_dir, backbone):
+        print(f"wrote {path}")
+    return 0
+
+
+def _compare_from_config(config, algorithms):
+    """Embed the images of ``config`` once and compare ``algorithms`` on them."""
+    import numpy as np
+
+    from ..features import EmbeddingCache, embed_split
+    from ..inference.diagnostics import backbone_label
+    from .compare import compare_algorithms
+    from .config import resolve_paths
+    from .runner import _evaluate_method, backbone_from_config, prepare_data, score_name
+    from .scoring import patch_scores
+
+    config = resolve_paths(config)
+    data = prepare_data(config)
+    backbone = backbone_from_config(config)
+    cache = EmbeddingCache(config.cache.dir, dtype=config.cache.dtype)
+    splits = {
+        role: embed_split(backbone, samples, cache, batch_size=config.backbone.batch_size, progress=False,
+                          description=role)
+        for role, samples in (("train", data.train), ("threshold", data.threshold), ("test", data.test))
+    }
+    score = score_name(config, backbone)
+
+    def evaluate(posterior):
+        def scorer(patches):
+            return patch_scores(posterior, patches, score, config.score.min_weight)
+
+        metrics = _evaluate_method(scorer, splits["test"], splits["threshold"], data, config).metrics
+        return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
+
+    fit = config.fit
+    options = {
+        "truncation": fit.truncation, "covariance": fit.covariance, "seed": fit.seed,
+        "provenance": {"backbone": backbone.describe()},
+    }
+    heldout = np.asarray(splits["threshold"].patches, dtype=np.float32)
+    rows = compare_algorithms(splits["train"].patches, heldout, algorithms, options, evaluate=evaluate)
+    return rows, backbone_label(backbone.describe())
+
+
+def _write_comparison(rows, out_dir: Path, backbone: str) -> list[Path]:
+    from .compare import markdown_table, plot_comparison, write_csv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown_path = out_dir / "comparison.md"
+    markdown_path.write_text(markdown_table(rows))
+    print(markdown_table(rows))
+    return [markdown_path, write_csv(rows, out_dir / "comparison.csv"),
+            plot_comparison(rows, out_dir / "comparison.png", backbone=backbone)]
