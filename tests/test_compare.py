@@ -1,0 +1,127 @@
+"""Tests of the scikit-learn wrapper and the algorithm comparison."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import digamma, logsumexp
+from sklearn.mixture import BayesianGaussianMixture
+
+from dinodpmm.experiments.compare import (
+    ROW_KEYS,
+    compare_algorithms,
+    fit_sklearn,
+    markdown_table,
+    posterior_from_sklearn,
+    write_csv,
+)
+
+CENTERS = np.array([[0.0, 0.0, 0.0], [6.0, 6.0, 6.0], [-6.0, 6.0, 0.0]])
+
+
+def blobs(seed=0, per_cluster=100):
+    rng = np.random.default_rng(seed)
+    scales = rng.uniform(0.5, 1.5, size=(3, 3))
+    return np.concatenate([rng.normal(size=(per_cluster, 3)) * s + c for c, s in zip(CENTERS, scales)])
+
+
+def sklearn_offsets(model, dim):
+    """Per-component constants that scikit-learn adds to the plug-in weighted log-density.
+
+    ``score_samples`` uses ``E[log pi_k] + E[log N(x | mu_k, Lambda_k)]``; against
+    ``log weights_k + log N(x | means_k, precisions_k)`` this differs by
+    ``E[log pi_k] - log weights_k + 0.5 (E[log|Lambda_k|] - log|E[Lambda_k]|) - 0.5 dim / beta_k``,
+    which does not depend on x.
+    """
+    first, second = model.weight_concentration_
+    total = digamma(first + second)
+    expected_log_weights = digamma(first) - total + np.hstack((0, np.cumsum(digamma(second) - total)[:-1]))
+    dof = model.degrees_of_freedom_
+    expected_log_det = dim * np.log(2.0) + digamma(0.5 * (dof - np.arange(dim)[:, None])).sum(0)
+    return (
+        expected_log_weights - np.log(model.weights_)
+        + 0.5 * (expected_log_det - dim * np.log(dof)) - 0.5 * dim / model.mean_precision_
+    )
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"], ids=["diag", "full"])
+def test_sklearn_matches_score_samples(covariance):
+    x = blobs()
+    model = BayesianGaussianMixture(
+        n_components=6, covariance_type=covariance, weight_concentration_prior_type="dirichlet_process",
+        max_iter=300, random_state=0,
+    ).fit(x)
+    posterior = posterior_from_sklearn(model)
+    weighted = (posterior.log_weights + posterior.component_log_density(x)).double().numpy()  # N K
+    offsets = sklearn_offsets(model, x.shape[1])
+    # Exact up to float64 rounding once the per-component constants are added back.
+    assert np.allclose(logsumexp(weighted + offsets, axis=1), model.score_samples(x), rtol=0, atol=1e-8)
+    assert np.array_equal(np.argmax(weighted + offsets, axis=1), model.predict(x))
+    # The plug-in density is off by at most the largest constant (logsumexp is 1-Lipschitz).
+    difference = np.abs(posterior.log_density(x).double().numpy() - model.score_samples(x))
+    assert np.all(difference <= np.abs(offsets).max() + 1e-8)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"], ids=["diag", "full"])
+def test_sklearn_predict_agrees(covariance):
+    x = blobs(seed=1)
+    posterior = fit_sklearn(x, truncation=6, covariance=covariance, seed=0)
+    model = BayesianGaussianMixture(
+        n_components=6, covariance_type=covariance, weight_concentration_prior_type="dirichlet_process",
+        max_iter=500, random_state=0,
+    ).fit(x)
+    assign = posterior.assign(x).numpy()
+    offsets = sklearn_offsets(model, x.shape[1])
+    weighted = (posterior.log_weights + posterior.component_log_density(x)).double().numpy()
+    # A point keeps its plug-in label under scikit-learn's per-component constants when its
+    # plug-in margin over every other component exceeds the difference of the constants.
+    top = np.argmax(weighted, axis=1)
+    rows = np.arange(len(x))
+    margin = weighted[rows, top][:, None] - weighted  # N K
+    shift = offsets[None, :] - offsets[top][:, None]  # N K
+    shift[rows, top] = -np.inf
+    clear = np.all(margin > shift, axis=1)
+    assert np.array_equal(assign, top)
+    assert np.array_equal(assign[clear], model.predict(x)[clear])
+    assert np.all(assign[~clear] != model.predict(x)[~clear])
+
+
+def test_sklearn_posterior_fields():
+    posterior = fit_sklearn(blobs(), truncation=6, covariance="full", seed=0, provenance={"backbone": "toy"})
+    assert posterior.algorithm == "sklearn"
+    assert posterior.family == "full"
+    assert posterior.sticks[0].shape == (5,)
+    assert torch.exp(posterior.log_weights).sum().item() == pytest.approx(1.0, abs=1e-12)
+    assert posterior.provenance == {"backbone": "toy"}
+    assert posterior.effective_components(0.99) == 3
+
+
+def test_sklearn_rejects_covariance():
+    with pytest.raises(ValueError, match="covariance must be 'diag' or 'full' for fit_sklearn, got 'spherical'"):
+        fit_sklearn(blobs(), covariance="spherical")
+
+
+def test_compare_rows_keys(tmp_path):
+    train, heldout = blobs(seed=0, per_cluster=80).astype(np.float32), blobs(seed=1, per_cluster=30).astype(np.float32)
+    options = {
+        "truncation": 6,
+        "num_samples": 100,
+        "svi": {"num_steps": 30},
+        "gibbs": {"num_chains": 2, "num_sweeps": 6, "burn_in": 2, "subsample": 120},
+        "online-em": {"batch_size": 60, "num_epochs": 3},
+        "sklearn": {"max_iter": 50},
+    }
+    algorithms = ["svi", "gibbs", "online-em", "sklearn"]
+    rows = compare_algorithms(train, heldout, algorithms, options, evaluate=lambda posterior: {"extra": 1.0})
+    assert [row["algorithm"] for row in rows] == algorithms
+    for row in rows:
+        assert set(ROW_KEYS) | {"extra", "posterior"} == set(row)
+        assert np.isfinite(row["heldout_log_likelihood"])
+        assert 1 <= row["num_components_low"] <= row["num_components_high"] <= 6
+    table = markdown_table(rows)
+    assert table.count("\n") == 2 + len(algorithms)
+    assert write_csv(rows, tmp_path / "rows.csv").read_text().splitlines()[0].startswith("algorithm,")
+
+
+def test_compare_rejects_algorithm():
+    with pytest.raises(ValueError, match=r"algorithms must be a non-empty list drawn from .*got \['em'\]"):
+        compare_algorithms(blobs(), blobs(), ["em"])
