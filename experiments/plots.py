@@ -1,0 +1,192 @@
+"""Figures of an experiment run, drawn with matplotlib's object-oriented API.
+
+Every function writes one PNG and takes a ``footer``, a line drawn at the bottom of the
+figure that names the backbone (see :func:`backbone_label`). No function touches
+``matplotlib.pyplot``, so no GUI backend is selected and the global figure state of the
+caller is left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+# Colour of each method in the ROC figure.
+METHOD_COLORS = {"dpmm": "tab:blue", "memory_bank": "tab:orange"}
+METHOD_LABELS = {"dpmm": "DPMM", "memory_bank": "memory bank"}
+_DPI = 120
+
+
+def backbone_label(backbone: Mapping[str, Any]) -> str:
+    """Return the line that names a backbone in figure footers.
+
+    The offline backbone is named as a baseline, so nobody mistakes its figures for
+    DINOv2 results.
+    """
+    name = backbone.get("name", "unknown")
+    if name == "offline":
+        return "backbone: offline (hand-crafted descriptors, a baseline without DINOv2 weights)"
+    return f"backbone: {name} (resolution {backbone.get('resolution', '?')})"
+
+
+def _finish(figure: Figure, path: Path, footer: str) -> Path:
+    figure.text(0.5, 0.005, footer, ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=_DPI)
+    return path
+
+
+def plot_overlays(cases: Sequence[Mapping[str, Any]], path: Path, footer: str) -> Path:
+    """Draw one row per case: the image with its mask outline, then each method's anomaly map.
+
+    Parameters
+    ----------
+    cases : sequence of dict
+        Each with ``title`` (str), ``image`` (np.ndarray of shape (height, width), the
+        grayscale image), ``mask`` (bool np.ndarray of shape (height, width)) and
+        ``maps`` (dict from method name to an anomaly map of shape (height, width)).
+    path : pathlib.Path
+        Output PNG.
+    footer : str
+        Line naming the backbone.
+    """
+    methods = list(cases[0]["maps"]) if cases else []
+    columns = 1 + len(methods)
+    figure = Figure(figsize=(3.2 * columns, 3.2 * max(len(cases), 1) + 0.4), layout="constrained")
+    axes = figure.subplots(max(len(cases), 1), columns, squeeze=False)
+    for row, case in enumerate(cases):
+        _show_image(axes[row, 0], case["image"], case["mask"], case["title"])
+        for column, method in enumerate(methods, start=1):
+            _show_map(axes[row, column], case, method)
+    return _finish(figure, path, footer)
+
+
+def _show_image(ax, image: np.ndarray, mask: np.ndarray, title: str) -> None:
+    ax.imshow(image, cmap="gray")
+    if mask.any():
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors="lime", linewidths=0.8)
+    ax.set_title(title, fontsize=8)
+    ax.set_axis_off()
+
+
+def _show_map(ax, case: Mapping[str, Any], method: str) -> None:
+    ax.imshow(case["image"], cmap="gray")
+    heat = ax.imshow(case["maps"][method], cmap="inferno", alpha=0.55)
+    if case["mask"].any():
+        ax.contour(case["mask"].astype(np.float32), levels=[0.5], colors="lime", linewidths=0.8)
+    ax.set_title(f"{METHOD_LABELS.get(method, method)} anomaly map", fontsize=8)
+    ax.set_axis_off()
+    ax.figure.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
+
+
+def plot_assignments(cases: Sequence[Mapping[str, Any]], path: Path, footer: str) -> Path:
+    """Draw test images next to their patch grids coloured by the nearest mixture component.
+
+    Parameters
+    ----------
+    cases : sequence of dict
+        Each with ``title``, ``image`` (np.ndarray of shape (height, width)) and
+        ``assignment`` (int np.ndarray of shape (grid_h, grid_w)): the rank of the
+        nearest component when components are sorted by decreasing weight.
+    path : pathlib.Path
+        Output PNG.
+    footer : str
+        Line naming the backbone.
+    """
+    figure = Figure(figsize=(6.4, 3.0 * max(len(cases), 1) + 0.4), layout="constrained")
+    axes = figure.subplots(max(len(cases), 1), 2, squeeze=False)
+    # tab20 repeats every 20 ranks, so two components can share a colour on large grids.
+    colours = colormaps["tab20"]
+    for row, case in enumerate(cases):
+        axes[row, 0].imshow(case["image"], cmap="gray")
+        axes[row, 0].set_title(case["title"], fontsize=8)
+        axes[row, 1].imshow(case["assignment"] % 20, cmap=colours, vmin=0, vmax=19, interpolation="nearest")
+        num_used = len(np.unique(case["assignment"]))
+        axes[row, 1].set_title(f"nearest component per patch ({num_used} distinct)", fontsize=8)
+        for ax in axes[row]:
+            ax.set_axis_off()
+    return _finish(figure, path, footer)
+
+
+def plot_roc(curves: Mapping[str, Mapping[str, Mapping[str, Any]]], path: Path, footer: str) -> Path:
+    """Draw image-level and pixel-level ROC curves of every method.
+
+    Parameters
+    ----------
+    curves : dict
+        ``{"image": {method: {"labels", "scores", "auroc"}}, "pixel": {...}}`` where
+        ``labels`` and ``scores`` are np.ndarray of shape (num_samples,) and ``auroc``
+        is the exact AUROC printed in the legend (the pixel curve may be drawn from a
+        pixel sample).
+    """
+    figure = Figure(figsize=(9.0, 4.4), layout="constrained")
+    axes = figure.subplots(1, 2, squeeze=False)[0]
+    for ax, (level, methods) in zip(axes, curves.items()):
+        for method, curve in methods.items():
+            if len(np.unique(curve["labels"])) < 2:
+                continue
+            fpr, tpr, _ = roc_curve(curve["labels"], curve["scores"])
+            label = f"{METHOD_LABELS.get(method, method)} (AUROC {curve['auroc']:.3f})"
+            ax.plot(fpr, tpr, color=METHOD_COLORS.get(method), label=label)
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=0.8)
+        ax.set_xlabel("false-positive rate")
+        ax.set_ylabel("true-positive rate")
+        ax.set_title(f"{level}-level ROC", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+    return _finish(figure, path, footer)
+
+
+def plot_weights(weights: np.ndarray, path: Path, footer: str) -> Path:
+    """Draw the expected mixture weights (num_components,) sorted in decreasing order on a log axis."""
+    ordered = np.sort(np.asarray(weights, dtype=np.float64))[::-1]
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.subplots()
+    ax.semilogy(np.arange(1, ordered.size + 1), ordered, marker=".", markersize=3, linewidth=0.8)
+    cumulative = np.cumsum(ordered)
+    effective = int(np.searchsorted(cumulative, 0.99 * cumulative[-1]) + 1)
+    ax.axvline(effective, color="tab:red", linestyle=":", label=f"99% of the mass: {effective} components")
+    ax.set_xlabel("component rank")
+    ax.set_ylabel("expected weight")
+    ax.set_title(f"mixture weights, sorted ({ordered.size} components)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _finish(figure, path, footer)
+
+
+def plot_num_components(samples: np.ndarray, num_points: int, path: Path, footer: str) -> Path:
+    """Draw a histogram of posterior draws (num_samples,) of the number of occupied components."""
+    samples = np.asarray(samples)
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = figure.subplots()
+    low, high = int(samples.min()), int(samples.max())
+    ax.hist(samples, bins=np.arange(low, high + 2) - 0.5, color="tab:blue", edgecolor="white")
+    ax.set_xlabel(f"occupied components among {num_points} training patches")
+    ax.set_ylabel("posterior draws")
+    ax.set_title(f"posterior of the number of components (mean {samples.mean():.1f})", fontsize=10)
+    return _finish(figure, path, footer)
+
+
+def plot_trace(trace: Mapping[str, Sequence[Any]], algorithm: str, path: Path, footer: str) -> Path:
+    """Draw every series of an inference trace (for SVI the per-step ELBO), one panel each.
+
+    Series that hold one list per chain (the Gibbs sampler's) are drawn as one line per chain.
+    """
+    names = [name for name, values in trace.items() if len(values) > 0]
+    figure = Figure(figsize=(6.4, 2.8 * max(len(names), 1) + 0.4), layout="constrained")
+    axes = figure.subplots(max(len(names), 1), 1, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        values = trace[name]
+        series = values if isinstance(values[0], (list, tuple)) else [values]
+        for chain, line in enumerate(series):
+            ax.plot(np.arange(len(line)), line, linewidth=0.8, label=f"chain {chain}" if len(series) > 1 else None)
+        ax.set_ylabel(name)
+        ax.set_xlabel("step" if algorithm == "svi" else ("sweep" if algorithm == "gibbs" else "epoch"))
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    axes[0].set_title(f"{algorithm} trace", fontsize=10)
+    return _finish(figure, path, footer)

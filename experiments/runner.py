@@ -1,0 +1,726 @@
+"""The experiment runner: features (cached), fit, score, evaluate and plot, from one config.
+
+:func:`run_experiment` runs every stage and fills a run directory::
+
+    config.yaml            the resolved configuration (absolute paths, every key)
+    posterior.safetensors  the fitted posterior, with the backbone and dataset as provenance
+    metrics.json           metrics of the DPMM and of the memory-bank baseline, timings,
+                           counts, package versions
+    scores.csv             per test image: path, label, defect, DPMM score, bank score
+    figures/*.png          anomaly maps, component assignments, ROC curves, weights,
+                           number of components, inference trace
+
+The Dice thresholds come from the patch scores of normal validation images. When the
+dataset has no validation split, a seeded fraction (``data.holdout_fraction``) of the
+normal training images is held out of the fit and of the memory bank for that, and
+``metrics.json`` records it under ``threshold_images``.
+
+:func:`fit_from_config` runs only the features and the fit, :func:`evaluate_run`
+recomputes the metrics of a saved run, and :func:`score_images` scores new images with
+a saved posterior.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..features import (
+    Backbone,
+    Dataset,
+    EmbeddingCache,
+    Sample,
+    SplitEmbeddings,
+    available_backbones,
+    embed_split,
+    load_backbone,
+    load_image,
+    load_mask,
+    open_dataset,
+)
+from ..features.datasets import is_image_file
+from ..inference import Posterior, fit_gibbs, fit_online_em, fit_svi
+from . import plots
+from .config import Config, ConfigError, load_config, resolve_paths, save_config
+from .memory_bank import MemoryBank
+from .metrics import PixelMetrics, evaluate
+from .scoring import anomaly_map, image_score, patch_scores
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+POSTERIOR_FILE = "posterior.safetensors"
+METRICS_FILE = "metrics.json"
+SCORES_FILE = "scores.csv"
+FIGURES_DIR = "figures"
+METHODS = ("dpmm", "memory_bank")
+# Metrics that evaluate() returns and that evaluate_run() must reproduce.
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro")
+# Packages whose versions metrics.json records.
+VERSIONED_PACKAGES = ("dinodpmm", "torch", "pyro-ppl", "timm", "numpy")
+# Posterior draws for the number-of-components figure.
+NUM_COMPONENT_DRAWS = 500
+
+
+class RunError(ValueError):
+    """A user error in a run: missing run directory, empty split, incompatible posterior."""
+
+
+# -- data -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """The images of one experiment after subsampling.
+
+    Attributes
+    ----------
+    dataset : Dataset
+        The opened dataset.
+    train : list of Sample
+        Normal images the mixture and the memory bank are fitted on.
+    threshold : list of Sample
+        Normal images whose patch scores set the Dice thresholds.
+    threshold_source : str
+        ``"valid"`` or ``"train holdout"``.
+    test : list of Sample
+        Test images, normal and anomalous.
+    """
+
+    dataset: Dataset
+    train: list[Sample]
+    threshold: list[Sample]
+    threshold_source: str
+    test: list[Sample]
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of images in each role."""
+        test_anomalous = sum(sample.label for sample in self.test)
+        return {
+            "train_images": len(self.train),
+            "threshold_images": len(self.threshold),
+            "test_images": len(self.test),
+            "test_normal_images": len(self.test) - test_anomalous,
+            "test_anomalous_images": test_anomalous,
+        }
+
+
+def _subsample(samples: Sequence[Sample], size: int | None, rng: np.random.Generator) -> list[Sample]:
+    """Return ``size`` samples drawn without replacement, in their original order."""
+    if size is None or size >= len(samples):
+        return list(samples)
+    keep = np.sort(rng.choice(len(samples), size=size, replace=False))
+    return [samples[i] for i in keep]
+
+
+def _stratified_subsample(samples: Sequence[Sample], size: int | None, rng: np.random.Generator) -> list[Sample]:
+    """Subsample keeping the fraction of anomalous images, with at least one image of each label present."""
+    if size is None or size >= len(samples):
+        return list(samples)
+    anomalous = [i for i, sample in enumerate(samples) if sample.label == 1]
+    normal = [i for i, sample in enumerate(samples) if sample.label == 0]
+    num_anomalous = round(size * len(anomalous) / len(samples))
+    num_anomalous = min(len(anomalous), max(num_anomalous, 1 if anomalous else 0, size - len(normal)))
+    num_anomalous = min(num_anomalous, size - (1 if normal else 0))
+    keep = rng.choice(anomalous, size=num_anomalous, replace=False).tolist() if num_anomalous else []
+    keep += rng.choice(normal, size=size - num_anomalous, replace=False).tolist() if size > num_anomalous else []
+    return [samples[i] for i in sorted(keep)]
+
+
+def prepare_data(config: Config) -> PreparedData:
+    """Open the dataset and pick the training, threshold and test images of ``config``.
+
+    Raises
+    ------
+    RunError
+        If ``data.root`` is not set or a split that the run needs is empty.
+    FileNotFoundError, ValueError
+        From :func:`~dinodpmm.features.open_dataset` for a missing or invalid dataset.
+    """
+    if config.data.root is None:
+        raise RunError("data.root is not set; set it in the config file or pass data.root=PATH.")
+    dataset = open_dataset(config.data.root, config.data.layout)
+    rng = np.random.default_rng(config.data.seed)
+    train = [sample for sample in dataset.train if sample.label == 0]
+    _require_images(train, "normal training", dataset)
+    valid_normal = [sample for sample in dataset.valid or () if sample.label == 0]
+    if valid_normal:
+        threshold, source = _subsample(valid_normal, config.data.max_valid_images, rng), "valid"
+    else:
+        train, threshold = _hold_out(train, config.data.holdout_fraction, rng)
+        source = "train holdout"
+    train = _subsample(train, config.data.max_train_images, rng)
+    test = _stratified_subsample(list(dataset.test), config.data.max_test_images, rng)
+    _require_images(test, "test", dataset)
+    return PreparedData(dataset, train, threshold, source, test)
+
+
+def _require_images(samples: Sequence[Sample], role: str, dataset: Dataset) -> None:
+    if not samples:
+        raise RunError(f"the {role} split of the {dataset.layout} dataset at {dataset.root} has no images; "
+                       "point data.root at a dataset with normal training images and test images.")
+
+
+def _hold_out(train: list[Sample], fraction: float, rng: np.random.Generator) -> tuple[list[Sample], list[Sample]]:
+    """Split normal training images into (fit images, threshold images) with a seeded permutation."""
+    num_held = max(1, round(fraction * len(train)))
+    if num_held >= len(train):
+        raise RunError(f"the dataset has no validation split and only {len(train)} normal training images, "
+                       "too few to hold some out for the Dice thresholds; add training images.")
+    held = set(rng.choice(len(train), size=num_held, replace=False).tolist())
+    logger.info("no validation split: holding out %d of %d normal training images for the Dice thresholds",
+                num_held, len(train))
+    return ([s for i, s in enumerate(train) if i not in held], [s for i, s in enumerate(train) if i in held])
+
+
+# -- features ------------------------------------------------------------------------------------
+
+
+def backbone_from_config(config: Config) -> Backbone:
+    """Load the backbone that ``config.backbone`` names.
+
+    Raises
+    ------
+    RunError
+        If ``backbone.name`` is not a registered backbone.
+    """
+    if config.backbone.name not in available_backbones():
+        raise RunError(f"unknown backbone {config.backbone.name!r} in backbone.name; available backbones: "
+                       f"{', '.join(available_backbones())}.")
+    return load_backbone(
+        config.backbone.name,
+        weights=config.backbone.weights,
+        device=config.backbone.device,
+        resolution=config.backbone.resolution,
+        batch_size=config.backbone.batch_size,
+        progress=False,
+    )
+
+
+def _embed(backbone: Backbone, samples: list[Sample], config: Config, role: str, progress: bool) -> SplitEmbeddings:
+    cache = EmbeddingCache(config.cache.dir, dtype=config.cache.dtype)
+    return embed_split(backbone, samples, cache, batch_size=config.backbone.batch_size, progress=progress,
+                       description=role)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str):
+    """Time the enclosed block into ``timings[stage]`` (seconds) and log its start and end."""
+    logger.info("stage %s: started", stage)
+    started = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - started
+    logger.info("stage %s: done in %.2f s", stage, timings[stage])
+
+
+# -- fit --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class FitResult:
+    """Everything :func:`fit_from_config` computed, for the scoring stages that follow.
+
+    Attributes
+    ----------
+    config : Config
+        The resolved configuration.
+    posterior : Posterior
+        The fitted mixture.
+    backbone : Backbone
+        The backbone that embedded the images.
+    data : PreparedData
+        The images of the run.
+    train : SplitEmbeddings
+        Patch embeddings of the training images, shape (num_patches, dim).
+    timings : dict of str to float
+        Seconds per stage.
+    """
+
+    config: Config
+    posterior: Posterior
+    backbone: Backbone
+    data: PreparedData
+    train: SplitEmbeddings
+    timings: dict[str, float]
+
+
+def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progress: bool = False) -> FitResult:
+    """Embed the training images (through the cache) and fit the mixture that ``config`` describes.
+
+    With ``out_dir``, writes ``config.yaml`` and ``posterior.safetensors`` there.
+    """
+    config = resolve_paths(config)
+    timings: dict[str, float] = {}
+    with _timed(timings, "prepare"):
+        backbone = backbone_from_config(config)
+        data = prepare_data(config)
+    logger.info("%s", data.dataset.summary())
+    with _timed(timings, "embed_train"):
+        train = _embed(backbone, data.train, config, "train", progress)
+    with _timed(timings, "fit"):
+        posterior = _fit(train, config, backbone, progress)
+    posterior.provenance.update(_provenance(backbone, data, train))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / CONFIG_FILE)
+        posterior.save(out_dir / POSTERIOR_FILE)
+    return FitResult(config, posterior, backbone, data, train, timings)
+
+
+def _provenance(backbone: Backbone, data: PreparedData, train: SplitEmbeddings) -> dict[str, Any]:
+    return {
+        "backbone": backbone.describe(),
+        "dataset_root": str(data.dataset.root),
+        "layout": data.dataset.layout,
+        "train_images": len(data.train),
+        "train_patches": train.num_patches,
+    }
+
+
+def _fit(train: SplitEmbeddings, config: Config, backbone: Backbone, progress: bool) -> Posterior:
+    fit = config.fit
+    alpha_prior = tuple(fit.alpha_prior) if fit.alpha_prior is not None else None
+    logger.info("fitting %s (%s covariance) on %d patches x %d dims", fit.algorithm, fit.covariance,
+                train.num_patches, train.dim)
+    if fit.algorithm == "svi":
+        return fit_svi(train.patches, truncation=fit.truncation, covariance=fit.covariance, alpha=fit.alpha,
+                       alpha_prior=alpha_prior, batch_size=fit.batch_size, num_steps=fit.num_steps,
+                       max_steps=fit.max_steps, learning_rate=fit.learning_rate, seed=fit.seed,
+                       device=config.backbone.device, progress=progress)
+    if fit.algorithm == "gibbs":
+        gibbs = fit.gibbs
+        return fit_gibbs(train.patches, covariance=fit.covariance, alpha=fit.alpha, alpha_prior=alpha_prior,
+                         num_chains=gibbs.num_chains, num_sweeps=gibbs.num_sweeps, burn_in=gibbs.burn_in,
+                         thin=gibbs.thin, subsample=gibbs.subsample, split_merge=gibbs.split_merge,
+                         seed=fit.seed, progress=progress)
+    online = fit.online_em
+    offsets = np.array([record.row_start for record in train.index] + [train.num_patches])
+    return fit_online_em(train.patches, truncation=fit.truncation, covariance=fit.covariance, alpha=fit.alpha,
+                         images_per_step=online.images_per_step, num_epochs=online.num_epochs, rate=online.rate,
+                         seed=fit.seed, progress=progress, image_offsets=offsets, device=config.backbone.device)
+
+
+# -- scoring -------------------------------------------------------------------------------------------
+
+
+def score_name(config: Config, backbone: Backbone) -> str:
+    """Return the patch score of a run: ``score.name``, else the backbone's recommended score."""
+    return config.score.name or backbone.recommended_score
+
+
+def bank_metric(score: str) -> str:
+    """Return the memory-bank metric of the same family as a DPMM patch score."""
+    return "cosine" if score == "cosine" else "euclidean"
+
+
+def build_memory_bank(train: SplitEmbeddings, config: Config, score: str) -> MemoryBank:
+    """Build the exact nearest-neighbour bank from the training patches, seeded-subsampled to ``baseline.max_patches``."""
+    patches = train.patches
+    if config.baseline.max_patches is not None and config.baseline.max_patches < train.num_patches:
+        rng = np.random.default_rng(config.baseline.seed)
+        rows = np.sort(rng.choice(train.num_patches, size=config.baseline.max_patches, replace=False))
+        patches = np.asarray(train.patches[rows])
+    # The torch backend keeps the run free of the optional faiss dependency and its timings comparable.
+    return MemoryBank(patches, bank_metric(score), backend="torch")
+
+
+def _scorers(fitted: FitResult, score: str, timings: dict[str, float]) -> dict[str, Callable]:
+    """Return one function per method mapping patches (num_patches, dim) to patch scores (num_patches,)."""
+    config, posterior = fitted.config, fitted.posterior
+    scorers = {"dpmm": lambda patches: patch_scores(posterior, patches, score, config.score.min_weight)}
+    if config.baseline.memory_bank:
+        with _timed(timings, "build_memory_bank"):
+            bank = build_memory_bank(fitted.train, config, score)
+        scorers["memory_bank"] = bank.score
+    return scorers
+
+
+def _score_images(scorer: Callable, embeddings: SplitEmbeddings) -> tuple[list[np.ndarray], float]:
+    """Score every image of ``embeddings`` one at a time; return the patch scores and the seconds spent."""
+    scores, seconds = [], 0.0
+    for i in range(embeddings.num_images):
+        patches = np.asarray(embeddings.image_patches(i))
+        started = time.perf_counter()
+        scores.append(scorer(patches).numpy())
+        seconds += time.perf_counter() - started
+    return scores, seconds
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class MethodResult:
+    """Scores and metrics of one method on the test images."""
+
+    metrics: dict[str, float]
+    image_scores: np.ndarray
+    patch_scores: list[np.ndarray]
+    roc_pixels: tuple[np.ndarray, np.ndarray]
+    seconds_per_image: float
+
+
+def _evaluate_method(scorer: Callable, test: SplitEmbeddings, threshold: SplitEmbeddings, data: PreparedData,
+                     config: Config) -> MethodResult:
+    normal_scores, _ = _score_images(scorer, threshold)
+    test_scores, seconds = _score_images(scorer, test)
+    image_scores = np.array([image_score(s, config.score.top_fraction) for s in test_scores])
+    pixels = PixelMetrics()
+    rng = np.random.default_rng(config.data.seed)
+    sampled_maps, sampled_masks = [], []
+    for i, sample in enumerate(data.test):
+        mask = load_mask(sample)
+        heat = anomaly_map(test_scores[i], test.grid(i), mask.shape, config.score.sigma)
+        pixels.update(heat, mask)
+        picks = rng.choice(mask.size, size=min(mask.size, config.plots.roc_pixels_per_image), replace=False)
+        sampled_maps.append(heat.reshape(-1)[picks])
+        sampled_masks.append(mask.reshape(-1)[picks])
+    metrics = evaluate(image_scores, test.labels, pixels, np.concatenate(normal_scores),
+                       fprs=config.eval.fprs, max_fpr=config.eval.max_fpr)
+    roc_pixels = (np.concatenate(sampled_masks), np.concatenate(sampled_maps))
+    return MethodResult(metrics, image_scores, test_scores, roc_pixels, seconds / max(test.num_images, 1))
+
+
+def _evaluate_all(fitted: FitResult, timings: dict[str, float], progress: bool) -> tuple[dict, SplitEmbeddings]:
+    config, data = fitted.config, fitted.data
+    with _timed(timings, "embed_threshold"):
+        threshold = _embed(fitted.backbone, data.threshold, config, "threshold", progress)
+    with _timed(timings, "embed_test"):
+        test = _embed(fitted.backbone, data.test, config, "test", progress)
+    _check_dims(fitted.posterior, test)
+    score = score_name(config, fitted.backbone)
+    results = {}
+    for method, scorer in _scorers(fitted, score, timings).items():
+        with _timed(timings, f"evaluate_{method}"):
+            results[method] = _evaluate_method(scorer, test, threshold, data, config)
+        timings[f"{method}_scoring_s_per_image"] = results[method].seconds_per_image
+    return results, test
+
+
+def _check_dims(posterior: Posterior, embeddings: SplitEmbeddings) -> None:
+    if posterior.dim != embeddings.dim:
+        raise RunError(
+            f"the posterior was fitted on {posterior.dim}-dimensional embeddings but the backbone "
+            f"{embeddings.backbone.get('name')} produces {embeddings.dim}-dimensional ones; score with "
+            f"the backbone the posterior was fitted on ({posterior.provenance.get('backbone', {}).get('name')})."
+        )
+
+
+def package_versions() -> dict[str, str]:
+    """Return the installed version of each package in ``VERSIONED_PACKAGES``."""
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _finite_or_none(value: Any) -> Any:
+    """Map NaN to None so metrics.json stays standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _finite_or_none(value.item())
+    return value
+
+
+def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timings: dict[str, float]) -> dict:
+    config, posterior = fitted.config, fitted.posterior
+    count = posterior.num_components(fitted.train.num_patches, NUM_COMPONENT_DRAWS, seed=config.fit.seed)
+    document = {method: {k: _finite_or_none(v) for k, v in result.metrics.items()}
+                for method, result in results.items()}
+    document.update(
+        backbone=fitted.backbone.describe(),
+        backbone_is_baseline=fitted.backbone.name == "offline",
+        algorithm=posterior.algorithm,
+        score=score_name(config, fitted.backbone),
+        memory_bank_metric=bank_metric(score_name(config, fitted.backbone)) if "memory_bank" in results else None,
+        memory_bank_patches=_bank_size(fitted),
+        threshold_images=fitted.data.threshold_source,
+        counts={**fitted.data.counts(), "train_patches": fitted.train.num_patches},
+        posterior=posterior.describe(),
+        num_components={"mean": count.mean, "interval_94": list(count.interval(0.94)),
+                        "num_points": count.num_points},
+        versions=package_versions(),
+        timings_s=timings,
+    )
+    return document
+
+
+def _bank_size(fitted: FitResult) -> int | None:
+    if not fitted.config.baseline.memory_bank:
+        return None
+    limit = fitted.config.baseline.max_patches
+    return fitted.train.num_patches if limit is None else min(limit, fitted.train.num_patches)
+
+
+def _write_scores_csv(path: Path, samples: Sequence[Sample], results: dict[str, MethodResult]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "defect", "dpmm_score", "memory_bank_score"])
+        for i, sample in enumerate(samples):
+            bank = results["memory_bank"].image_scores[i] if "memory_bank" in results else ""
+            writer.writerow([str(sample.image), sample.label, sample.defect, results["dpmm"].image_scores[i], bank])
+
+
+def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
+    """Run features, fit, scoring, evaluation and figures, and fill the run directory ``out_dir``.
+
+    Returns
+    -------
+    dict
+        The content of ``metrics.json``.
+    """
+    out_dir = Path(out_dir)
+    fitted = fit_from_config(config, out_dir, progress=progress)
+    timings = fitted.timings
+    results, test = _evaluate_all(fitted, timings, progress)
+    _write_scores_csv(out_dir / SCORES_FILE, fitted.data.test, results)
+    if fitted.config.plots.enabled:
+        with _timed(timings, "figures"):
+            write_figures(fitted, results, test, out_dir / FIGURES_DIR)
+    document = _metrics_document(fitted, results, timings)
+    (out_dir / METRICS_FILE).write_text(json.dumps(document, indent=2), encoding="utf-8")
+    logger.info("run directory: %s", out_dir)
+    return document
+
+
+# -- saved runs ----------------------------------------------------------------------------------------------
+
+
+def _open_run(run_dir: str | Path) -> tuple[Path, Config]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} not found; pass a directory written by `dinodpmm run` or `dinodpmm fit`.")
+    for name in (CONFIG_FILE, POSTERIOR_FILE):
+        if not (run_dir / name).is_file():
+            raise RunError(f"run directory {run_dir} has no {name}; pass a directory written by "
+                           "`dinodpmm run` or `dinodpmm fit`.")
+    return run_dir, load_config(run_dir / CONFIG_FILE)
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, Posterior, Backbone]:
+    """Read the configuration and posterior of a run and load its backbone.
+
+    Raises
+    ------
+    RunError
+        If the directory or its files are missing, or the posterior's embedding
+        dimension differs from the backbone's.
+    """
+    run_dir, config = _open_run(run_dir)
+    backbone = backbone_from_config(config)
+    try:
+        posterior = Posterior.load(run_dir / POSTERIOR_FILE, expected_dim=backbone.dim)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    return config, posterior, backbone
+
+
+def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, dict[str, Any]]:
+    """Recompute the metrics of a saved run from its posterior and configuration.
+
+    The embeddings come from the cache (or are recomputed), and the image subsamples
+    and the memory-bank subsample are drawn again from the same seeds, so the values
+    match those in the run's ``metrics.json``.
+
+    Returns
+    -------
+    dict
+        ``{"dpmm": metrics, "memory_bank": metrics}`` (the bank only when the run has one).
+    """
+    config, posterior, backbone = load_run(run_dir)
+    timings: dict[str, float] = {}
+    data = prepare_data(config)
+    train = _embed(backbone, data.train, config, "train", progress)
+    fitted = FitResult(config, posterior, backbone, data, train, timings)
+    results, _ = _evaluate_all(fitted, timings, progress)
+    return {method: {k: _finite_or_none(v) for k, v in result.metrics.items()} for method, result in results.items()}
+
+
+def _image_files(paths: Sequence[str | Path]) -> list[Path]:
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            if not found:
+                raise RunError(f"folder {path} contains no image files; pass image files or a folder of images.")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RunError(f"image or folder {path} not found; pass existing image files or folders.")
+    return files
+
+
+def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
+    """Score new images with a saved run's posterior and write overlays and a CSV to ``out_dir``.
+
+    Parameters
+    ----------
+    run_dir : str or pathlib.Path
+        Directory written by ``dinodpmm run`` or ``dinodpmm fit``.
+    paths : sequence of str or pathlib.Path
+        Image files, or folders searched recursively for images.
+    out_dir : str or pathlib.Path
+        Receives ``scores.csv`` (path, score, max patch score, overlay file) and one
+        ``<stem>_overlay.png`` per image.
+
+    Returns
+    -------
+    list of dict
+        The CSV rows.
+    """
+    config, posterior, backbone = load_run(run_dir)
+    score = score_name(config, backbone)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    footer = plots.backbone_label(backbone.describe())
+    rows = []
+    for index, path in enumerate(_image_files(paths)):
+        image = load_image(path)
+        tokens, grid = backbone.embed([image])
+        scores = patch_scores(posterior, tokens[0], score, config.score.min_weight)
+        heat = anomaly_map(scores, grid, (image.height, image.width), config.score.sigma)
+        overlay = out_dir / f"{index:04d}_{path.stem}_overlay.png"
+        case = {"title": f"{path.name}: score {image_score(scores, config.score.top_fraction):.4g}",
+                "image": _grayscale(image), "mask": np.zeros(heat.shape, dtype=bool), "maps": {"dpmm": heat}}
+        plots.plot_overlays([case], overlay, footer)
+        rows.append({"path": str(path), "score": image_score(scores, config.score.top_fraction),
+                     "max_patch_score": float(scores.max()), "overlay": overlay.name})
+    _write_rows(out_dir / SCORES_FILE, rows)
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _grayscale(image) -> np.ndarray:
+    """Return an image as float (height, width) in [0, 1] for display, whatever its mode and bit depth."""
+    array = np.asarray(image.convert("F") if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") else image.convert("L"),
+                       dtype=np.float64)
+    low, high = np.percentile(array, [0.5, 99.5])
+    return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0)
+
+
+# -- figures --------------------------------------------------------------------------------------------------
+
+
+def write_figures(fitted: FitResult, results: dict[str, MethodResult], test: SplitEmbeddings, out_dir: Path) -> None:
+    """Write every figure of a run into ``out_dir``."""
+    posterior, config = fitted.posterior, fitted.config
+    footer = plots.backbone_label(fitted.backbone.describe())
+    if config.plots.note:
+        footer += " | " + config.plots.note
+    plots.plot_overlays(_overlay_cases(fitted, results, test), out_dir / "anomaly_maps.png", footer)
+    plots.plot_assignments(_assignment_cases(fitted, test), out_dir / "component_assignments.png", footer)
+    plots.plot_roc(_roc_curves(results, test), out_dir / "roc.png", footer)
+    plots.plot_weights(posterior.weights.detach().cpu().numpy(), out_dir / "mixture_weights.png", footer)
+    count = posterior.num_components(fitted.train.num_patches, NUM_COMPONENT_DRAWS, seed=config.fit.seed)
+    plots.plot_num_components(count.samples, count.num_points, out_dir / "num_components.png", footer)
+    plots.plot_trace(posterior.trace, posterior.algorithm, out_dir / "trace.png", footer)
+
+
+def _overlay_cases(fitted: FitResult, results: dict[str, MethodResult], test: SplitEmbeddings) -> list[dict]:
+    """Pick the highest- and lowest-scored anomalous images and the highest-scored normal one (DPMM scores)."""
+    scores, labels = results["dpmm"].image_scores, test.labels
+    picks = []
+    for title, label, pick in (("highest-scored anomalous", 1, np.argmax), ("lowest-scored anomalous", 1, np.argmin),
+                               ("highest-scored normal", 0, np.argmax)):
+        candidates = np.flatnonzero(labels == label)
+        if candidates.size:
+            picks.append((title, int(candidates[pick(scores[candidates])])))
+    cases = []
+    for title, i in picks:
+        sample = fitted.data.test[i]
+        mask = load_mask(sample)
+        maps = {method: anomaly_map(result.patch_scores[i], test.grid(i), mask.shape, fitted.config.score.sigma)
+                for method, result in results.items()}
+        cases.append({"title": f"{title}: {sample.image.name} (DPMM score {scores[i]:.3g})",
+                      "image": _grayscale(load_image(sample.image)), "mask": mask, "maps": maps})
+    return cases
+
+
+def nearest_components(posterior: Posterior, patches: np.ndarray, score: str, min_weight: float) -> np.ndarray:
+    """Return the index of each patch's nearest kept component under the score's geometry.
+
+    Parameters
+    ----------
+    patches : np.ndarray of shape (num_patches, dim)
+
+    Returns
+    -------
+    np.ndarray of shape (num_patches,)
+        Component indices into ``posterior.means``, int64.
+    """
+    keep = torch.nonzero(posterior.weights > min_weight).flatten()
+    x = torch.as_tensor(np.asarray(patches, dtype=np.float32)).to(posterior.means)
+    means = posterior.means[keep]
+    if score == "cosine":
+        nearest = torch.argmax(torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(means, dim=1).T, 1)
+    elif score == "euclidean":
+        nearest = torch.argmin(torch.cdist(x, means), 1)
+    else:
+        return posterior.assign(x).cpu().numpy()
+    return keep[nearest].cpu().numpy()
+
+
+def _assignment_cases(fitted: FitResult, test: SplitEmbeddings) -> list[dict]:
+    """Component assignment grids of a few test images, half anomalous where possible."""
+    labels = test.labels
+    count = fitted.config.plots.num_assignment_images
+    anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    chosen = list(anomalous[: (count + 1) // 2]) + list(normal[: count // 2])
+    chosen += [i for i in range(test.num_images) if i not in chosen][: count - len(chosen)]
+    rank = torch.argsort(torch.argsort(fitted.posterior.weights, descending=True)).cpu().numpy()
+    score = score_name(fitted.config, fitted.backbone)
+    cases = []
+    for i in chosen:
+        nearest = nearest_components(fitted.posterior, test.image_patches(i), score, fitted.config.score.min_weight)
+        sample = fitted.data.test[int(i)]
+        cases.append({"title": f"{sample.image.name} ({'anomalous' if sample.label else 'normal'})",
+                      "image": _grayscale(load_image(sample.image)), "assignment": rank[nearest].reshape(test.grid(i))})
+    return cases
+
+
+def _roc_curves(results: dict[str, MethodResult], test: SplitEmbeddings) -> dict:
+    curves: dict[str, dict] = {"image": {}, "pixel": {}}
+    for method, result in results.items():
+        curves["image"][method] = {"labels": test.labels, "scores": result.image_scores,
+                                   "auroc": result.metrics["image_auroc"]}
+        masks, maps = result.roc_pixels
+        curves["pixel"][method] = {"labels": masks, "scores": maps, "auroc": result.metrics["pixel_auroc"]}
+    return curves
+
+
+__all__ = [
+    "ConfigError",
+    "FitResult",
+    "PreparedData",
+    "RunError",
+    "evaluate_run",
+    "fit_from_config",
+    "load_run",
+    "prepare_data",
+    "run_experiment",
+    "score_images",
+]
