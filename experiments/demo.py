@@ -1,9 +1,9 @@
 """A self-contained demo: the whole pipeline on texture photographs shipped with scikit-image.
 
-The ``grass`` and ``gravel`` photographs (512 x 512, 8-bit grayscale) are files inside
+The ``grass`` and ``brick`` photographs (512 x 512, 8-bit grayscale) are files inside
 the scikit-image package, so the demo needs no download. Normal tiles are random crops
 of ``grass``. Anomalous test tiles are grass crops with an elliptical patch of
-``gravel`` pasted in; the ellipse is the exact ground-truth mask. The defects are
+``brick`` pasted in; the ellipse is the exact ground-truth mask. The defects are
 therefore synthetic, and every figure of the demo says so.
 
 The tiles are written in the MVTec layout and the run uses the offline backbone, SVI
@@ -28,8 +28,8 @@ from .runner import FIGURES_DIR, run_experiment
 
 logger = logging.getLogger(__name__)
 
-DEMO_NOTE = "defects are synthetic: gravel texture pasted into grass tiles (scikit-image sample images)"
-DEFECT_NAME = "pasted_gravel"
+DEMO_NOTE = "defects are synthetic: brick texture pasted into grass tiles (scikit-image sample images)"
+DEFECT_NAME = "pasted_brick"
 TILE_SIZE = 96
 # Rows of the grass photograph used for training tiles; test tiles come from the rows
 # below, so no test pixel was seen in training.
@@ -73,20 +73,20 @@ def make_demo_dataset(root: str | Path, *, fast: bool = False, seed: int = 0) ->
     """Write the demo tiles under ``root`` in the MVTec layout and return ``root``.
 
     ``train/good`` holds normal tiles from the top rows of ``grass``, ``test/good``
-    normal tiles from the bottom rows, ``test/pasted_gravel`` bottom-row tiles with a
-    gravel ellipse, and ``ground_truth/pasted_gravel/<stem>_mask.png`` their masks (0/255).
+    normal tiles from the bottom rows, ``test/pasted_brick`` bottom-row tiles with a
+    brick ellipse, and ``ground_truth/pasted_brick/<stem>_mask.png`` their masks (0/255).
     """
     root = Path(root)
     counts = FAST if fast else FULL
     rng = np.random.default_rng(seed)
-    grass, gravel = skimage_data.grass(), skimage_data.gravel()
+    grass, brick = skimage_data.grass(), skimage_data.brick()
     test_rows = (TRAIN_ROWS, grass.shape[0])
     for i in range(counts["train"]):
         _save(_random_tile(grass, (0, TRAIN_ROWS), rng), root / "train" / "good" / f"{i:03d}.png")
     for i in range(counts["test_normal"]):
         _save(_random_tile(grass, test_rows, rng), root / "test" / "good" / f"{i:03d}.png")
     for i in range(counts["test_anomalous"]):
-        tile, patch, mask = _random_tile(grass, test_rows, rng), _random_tile(gravel, (0, gravel.shape[0]), rng), _ellipse_mask(rng)
+        tile, patch, mask = _random_tile(grass, test_rows, rng), _random_tile(brick, (0, brick.shape[0]), rng), _ellipse_mask(rng)
         tile = np.where(mask, patch, tile)
         _save(tile, root / "test" / DEFECT_NAME / f"{i:03d}.png")
         _save(mask * 255, root / "ground_truth" / DEFECT_NAME / f"{i:03d}_mask.png")

@@ -36,7 +36,8 @@ def backbone_label(backbone: Mapping[str, Any]) -> str:
 
 
 def _finish(figure: Figure, path: Path, footer: str) -> Path:
-    figure.text(0.5, 0.005, footer, ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
+    # supxlabel, unlike figure.text, gets space from the constrained layout.
+    figure.supxlabel(footer, fontsize=8, color="0.3")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=_DPI)
     return path
@@ -91,8 +92,8 @@ def plot_assignments(cases: Sequence[Mapping[str, Any]], path: Path, footer: str
     Parameters
     ----------
     cases : sequence of dict
-        Each with ``title``, ``image`` (np.ndarray of shape (height, width)) and
-        ``assignment`` (int np.ndarray of shape (grid_h, grid_w)): the rank of the
+        Each with ``title``, ``image`` (np.ndarray of shape (height, width)), ``mask``
+        (bool np.ndarray of shape (height, width)) and ``assignment`` (int np.ndarray of shape (grid_h, grid_w)): the rank of the
         nearest component when components are sorted by decreasing weight.
     path : pathlib.Path
         Output PNG.
@@ -104,8 +105,7 @@ def plot_assignments(cases: Sequence[Mapping[str, Any]], path: Path, footer: str
     # tab20 repeats every 20 ranks, so two components can share a colour on large grids.
     colours = colormaps["tab20"]
     for row, case in enumerate(cases):
-        axes[row, 0].imshow(case["image"], cmap="gray")
-        axes[row, 0].set_title(case["title"], fontsize=8)
+        _show_image(axes[row, 0], case["image"], case["mask"], case["title"])
         axes[row, 1].imshow(case["assignment"] % 20, cmap=colours, vmin=0, vmax=19, interpolation="nearest")
         num_used = len(np.unique(case["assignment"]))
         axes[row, 1].set_title(f"nearest component per patch ({num_used} distinct)", fontsize=8)

@@ -655,7 +655,7 @@ def _overlay_cases(fitted: FitResult, results: dict[str, MethodResult], test: Sp
         mask = load_mask(sample)
         maps = {method: anomaly_map(result.patch_scores[i], test.grid(i), mask.shape, fitted.config.score.sigma)
                 for method, result in results.items()}
-        cases.append({"title": f"{title}: {sample.image.name} (DPMM score {scores[i]:.3g})",
+        cases.append({"title": f"{title}\n{sample.image.name}, DPMM score {scores[i]:.3g}",
                       "image": _grayscale(load_image(sample.image)), "mask": mask, "maps": maps})
     return cases
 
@@ -698,7 +698,8 @@ def _assignment_cases(fitted: FitResult, test: SplitEmbeddings) -> list[dict]:
         nearest = nearest_components(fitted.posterior, test.image_patches(i), score, fitted.config.score.min_weight)
         sample = fitted.data.test[int(i)]
         cases.append({"title": f"{sample.image.name} ({'anomalous' if sample.label else 'normal'})",
-                      "image": _grayscale(load_image(sample.image)), "assignment": rank[nearest].reshape(test.grid(i))})
+                      "image": _grayscale(load_image(sample.image)), "mask": load_mask(sample),
+                      "assignment": rank[nearest].reshape(test.grid(i))})
     return cases
 
 

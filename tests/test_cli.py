@@ -1,0 +1,139 @@
+"""Tests of the dinodpmm command line: parsing, user-error messages and exit codes."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinodpmm.experiments.cli import EXIT_USER_ERROR, build_parser, main
+from dinodpmm.experiments.config import load_config, save_config
+from dinodpmm.features import load_backbone
+from dinodpmm.inference import fit_svi
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LGG_CONFIG = REPO_ROOT / "experiments" / "configs" / "lgg_flair.yaml"
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _tiny_mvtec(root: Path, *, train_images: int) -> Path:
+    """Write an MVTec-layout dataset of 28 x 28 noise images; train/good may be empty."""
+    rng = np.random.default_rng(0)
+    for folder, count in (("train/good", train_images), ("test/good", 2), ("test/crack", 2)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    (root / "ground_truth" / "crack").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.full((28, 28), 255, dtype=np.uint8)).save(root / "ground_truth" / "crack" / f"{i}_mask.png")
+    return root
+
+
+def test_parser_lists_commands():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in ("run", "fit", "score", "evaluate", "demo", "embed", "cache"):
+        assert name in commands, name
+
+
+def test_overrides_after_out_are_collected(tmp_path, capsys):
+    status = main(["fit", str(LGG_CONFIG), "--out", str(tmp_path / "run"), "fit.truncation=1"])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys).startswith("error: invalid value for fit.truncation: 1")
+
+
+def test_unknown_option_is_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(LGG_CONFIG), "--out", str(tmp_path), "--bogus"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_missing_dataset(tmp_path, capsys):
+    status = main(["run", str(LGG_CONFIG), f"data.root={tmp_path / 'absent'}", "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys) == (
+        f"error: dataset root {tmp_path / 'absent'} does not exist or is not a directory. "
+        "Pass the folder that contains the train and test splits"
+    )
+
+
+def test_unknown_backbone(tmp_path, capsys):
+    status = main(["fit", str(LGG_CONFIG), "backbone.name=resnet50", "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys).startswith("error: unknown backbone 'resnet50' in backbone.name; available backbones: ")
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    status = main(["run", str(LGG_CONFIG), "fit.truncaton=5", "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys).startswith("error: unknown config key fit.truncaton; valid keys in fit: fit.algorithm")
+
+
+def test_missing_config_file(tmp_path, capsys):
+    status = main(["run", str(tmp_path / "absent.yaml"), "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys) == f"error: config file {tmp_path / 'absent.yaml'} not found; pass the path of a YAML experiment config."
+
+
+def test_empty_training_split(tmp_path, capsys):
+    root = _tiny_mvtec(tmp_path / "data", train_images=0)
+    status = main(["fit", str(LGG_CONFIG), f"data.root={root}", "data.layout=mvtec", f"cache.dir={tmp_path / 'cache'}",
+                   "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    line = _error_line(capsys)
+    assert line.startswith("error: ")
+    assert "train" in line
+    assert "no image" in line
+
+
+@pytest.mark.parametrize("command", ["evaluate", "score"], ids=["evaluate", "score"])
+def test_missing_run_directory(tmp_path, capsys, command):
+    extra = [str(tmp_path), "--out", str(tmp_path / "out")] if command == "score" else []
+    status = main([command, str(tmp_path / "absent"), *extra])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys) == (
+        f"error: run directory {tmp_path / 'absent'} not found; pass a directory written by "
+        "`dinodpmm run` or `dinodpmm fit`."
+    )
+
+
+def test_run_directory_without_posterior(tmp_path, capsys):
+    save_config(load_config(None, ["backbone.name=offline"]), tmp_path / "config.yaml")
+    assert main(["evaluate", str(tmp_path)]) == EXIT_USER_ERROR
+    assert _error_line(capsys) == (
+        f"error: run directory {tmp_path} has no posterior.safetensors; pass a directory written by "
+        "`dinodpmm run` or `dinodpmm fit`."
+    )
+
+
+def test_posterior_from_other_dimension(tmp_path, capsys):
+    data = np.random.default_rng(0).normal(size=(200, 5)).astype(np.float32)
+    posterior = fit_svi(data, truncation=3, num_steps=2, batch_size=50, init_subsample=200, progress=False)
+    posterior.save(tmp_path / "posterior.safetensors")
+    save_config(load_config(None, ["backbone.name=offline", "backbone.resolution=28"]), tmp_path / "config.yaml")
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    status = main(["score", str(tmp_path), str(image), "--out", str(tmp_path / "out")])
+    assert status == EXIT_USER_ERROR
+    assert re.fullmatch(r"error: posterior file .*posterior\.safetensors was fitted on 5-dimensional embeddings, "
+                        r"but the embeddings here have dimension \d+; .*", _error_line(capsys))
+
+
+def test_score_missing_image(tmp_path, capsys):
+    dim = load_backbone("offline").dim
+    data = np.random.default_rng(0).normal(size=(200, dim)).astype(np.float32)
+    fit_svi(data, truncation=3, num_steps=2, batch_size=50, init_subsample=200, progress=False).save(
+        tmp_path / "posterior.safetensors")
+    save_config(load_config(None, ["backbone.name=offline"]), tmp_path / "config.yaml")
+    status = main(["score", str(tmp_path), str(tmp_path / "absent.png"), "--out", str(tmp_path / "out")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys) == (
+        f"error: image or folder {tmp_path / 'absent.png'} not found; pass existing image files or folders."
+    )
