@@ -3,9 +3,9 @@
 A configuration is a tree of sections (``data``, ``backbone``, ``cache``, ``fit``,
 ``score``, ``baseline``, ``eval``, ``plots``), each a dataclass whose fields carry
 their default and their constraint. :func:`load_config` reads a YAML file, applies
-``key=value`` overrides such as ``fit.truncation=50`` and checks every value; unknown
-keys and invalid values raise :class:`ConfigError` with the key, the value and the
-constraint.
+``key=value`` overrides such as ``fit.truncation=50`` and checks every value. Unknown
+keys and invalid values raise :class:`ConfigError`, whose message names the key, the
+value and the constraint.
 
 Relative paths (``data.root``, ``backbone.weights``, ``cache.dir``) resolve against the
 current working directory, not against the configuration file, so the shipped configs

@@ -4,7 +4,7 @@ The ``grass`` and ``brick`` photographs (512 x 512, 8-bit grayscale) are files i
 the scikit-image package, so the demo needs no download. Normal tiles are random crops
 of ``grass``. Anomalous test tiles are grass crops with an elliptical patch of
 ``brick`` pasted in; the ellipse is the exact ground-truth mask. The defects are
-therefore synthetic, and every figure of the demo says so.
+therefore synthetic, and the footer of every demo figure states it.
 
 The tiles are written in the MVTec layout and the run uses the offline backbone, SVI
 and the memory-bank baseline, as :func:`~dinodpmm.experiments.runner.run_experiment`
@@ -72,7 +72,7 @@ def _save(array: np.ndarray, path: Path) -> None:
 def make_demo_dataset(root: str | Path, *, fast: bool = False, seed: int = 0) -> Path:
     """Write the demo tiles under ``root`` in the MVTec layout and return ``root``.
 
-    ``train/good`` holds normal tiles from the top rows of ``grass``, ``test/good``
+    ``train/good`` contains normal tiles from the top rows of ``grass``, ``test/good``
     normal tiles from the bottom rows, ``test/pasted_brick`` bottom-row tiles with a
     brick ellipse, and ``ground_truth/pasted_brick/<stem>_mask.png`` their masks (0/255).
     """

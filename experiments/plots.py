@@ -21,12 +21,14 @@ from sklearn.metrics import roc_curve
 METHOD_COLORS = {"dpmm": "tab:blue", "memory_bank": "tab:orange"}
 METHOD_LABELS = {"dpmm": "DPMM", "memory_bank": "memory bank"}
 _DPI = 120
+# Unit of the x axis of each algorithm's trace.
+_TRACE_UNITS = {"svi": "step", "gibbs": "sweep", "online-em": "epoch"}
 
 
 def backbone_label(backbone: Mapping[str, Any]) -> str:
     """Return the line that names a backbone in figure footers.
 
-    The offline backbone is named as a baseline, so nobody mistakes its figures for
+    The offline backbone is labelled as a baseline, so its figures cannot be taken for
     DINOv2 results.
     """
     name = backbone.get("name", "unknown")
@@ -185,7 +187,7 @@ def plot_trace(trace: Mapping[str, Sequence[Any]], algorithm: str, path: Path, f
         for chain, line in enumerate(series):
             ax.plot(np.arange(len(line)), line, linewidth=0.8, label=f"chain {chain}" if len(series) > 1 else None)
         ax.set_ylabel(name)
-        ax.set_xlabel("step" if algorithm == "svi" else ("sweep" if algorithm == "gibbs" else "epoch"))
+        ax.set_xlabel(_TRACE_UNITS.get(algorithm, "iteration"))
         if len(series) > 1:
             ax.legend(fontsize=7)
     axes[0].set_title(f"{algorithm} trace", fontsize=10)

@@ -179,10 +179,10 @@ def _hold_out(train: list[Sample], fraction: float, rng: np.random.Generator) ->
     if num_held >= len(train):
         raise RunError(f"the dataset has no validation split and only {len(train)} normal training images, "
                        "too few to hold some out for the Dice thresholds; add training images.")
-    held = set(rng.choice(len(train), size=num_held, replace=False).tolist())
+    held_out = set(rng.choice(len(train), size=num_held, replace=False).tolist())
     logger.info("no validation split: holding out %d of %d normal training images for the Dice thresholds",
                 num_held, len(train))
-    return ([s for i, s in enumerate(train) if i not in held], [s for i, s in enumerate(train) if i in held])
+    return ([s for i, s in enumerate(train) if i not in held_out], [s for i, s in enumerate(train) if i in held_out])
 
 
 # -- features ------------------------------------------------------------------------------------
