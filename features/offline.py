@@ -54,9 +54,9 @@ _LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 # the threshold.
 _FOREGROUND_BLUR = 7
 # A blurred pixel is foreground when it lies above this fraction of the way from the
-# image's 1st to its 99th intensity percentile, about 20 grey levels of an 8-bit MRI
-# slice whose tissue reaches 255: above scanner background noise and below every
-# tissue class. Holes inside the foreground (dark ventricles, cysts) are filled.
+# image's 1st to its 99th intensity percentile. On an 8-bit MRI slice whose tissue
+# reaches 255 that is about 20 grey levels, above scanner background noise and below
+# every tissue class. Holes inside the foreground (dark ventricles, cysts) are filled.
 _FOREGROUND_LEVEL = 0.08
 # Percentiles are used instead of min and max so single hot or dead pixels do not move
 # the threshold.
@@ -65,9 +65,9 @@ _FOREGROUND_PERCENTILES = (0.01, 0.99)
 # Images whose 1%-99% intensity range is below this (intensities scaled to [0, 1])
 # have no usable contrast: the whole image counts as foreground.
 _MIN_CONTRAST = 1e-3
-# Lower bound of the foreground's 10%-90% range used as the normalisation scale, in
-# the same [0, 1] units: it keeps flat images from dividing by zero and is a quarter
-# of one 8-bit grey level, far below the range of any image with texture.
+# Lower bound of the normalisation scale (the foreground's 10%-90% range), in the same
+# [0, 1] units. It keeps flat images from dividing by zero. It is a quarter of one
+# 8-bit grey level, far below the range of any image with texture.
 _MIN_SCALE = 1e-3
 
 # Side lengths, in patches, of the centred windows that give each patch its context.
@@ -96,8 +96,8 @@ FEATURE_NAMES = (
 
 # Fixed multipliers that set each feature's weight in Euclidean distances. They are
 # constants, not statistics fitted to a dataset, because the embedding of one image
-# must not depend on other images (the cache stores tokens per image) and because a
-# fitted scale would let the features with the most normal variation dominate.
+# must not depend on other images (the cache stores tokens per image). A scale fitted
+# per dataset would also change the weights from one dataset to the next.
 # Intensity features are in units of the foreground's 10%-90% range, so a lesion-like
 # change is of order 1, and foreground fraction and depth lie in [0, 1]; those keep
 # weight 1. Asymmetry is the most specific lesion cue and weighs 2 on its hyperintense
@@ -131,11 +131,11 @@ _CHUNK_SIZE = 32
 class OfflineBackbone(Backbone):
     """Hand-crafted patch descriptors on DINOv2's patch grid, with no weights.
 
-    Preprocessing matches the DINOv2 backbones: the shorter image edge is resized to
-    ``resolution`` (bicubic, antialiased) and the image is centre-cropped to a
-    multiple of 14 px, so a 256 x 256 slice at the default resolution of 448 gives a
-    32 x 32 grid. Every image is first reduced to one intensity channel scaled by its
-    own range, so 8-bit and 16-bit versions of one image embed alike.
+    Preprocessing follows the DINOv2 backbones. The shorter image edge is resized to
+    ``resolution`` (bicubic) and the image is centre-cropped to a multiple of 14 px,
+    so a 256 x 256 slice at the default resolution of 448 gives a 32 x 32 grid. Every
+    image is first reduced to one intensity channel scaled by its own range, so 8-bit
+    and 16-bit versions of one image embed alike.
 
     Parameters
     ----------

@@ -92,8 +92,11 @@ def test_digest_tracks_settings(backbone):
         ((500, 449), 448, (32, 35)),
         # 100 -> 450 cropped to 448, 600 -> 2700 cropped to 2688 = 192 * 14.
         ((100, 600), 450, (192, 32)),
+        # Grids smaller than the widest context window (9 patches).
+        ((28, 60), 28, (4, 2)),
+        ((5, 3), 14, (1, 1)),
     ],
-    ids=["square", "square-224", "portrait", "landscape", "near-square", "narrow"],
+    ids=["square", "square-224", "portrait", "landscape", "near-square", "narrow", "tiny", "single-patch"],
 )
 def test_grid_shape_dinov2_rule(size, resolution, grid):
     backbone = OfflineBackbone(resolution=resolution)
