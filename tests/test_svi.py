@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pyro
@@ -137,3 +138,46 @@ def test_fit_svi_rejects_bad_data():
         fit_svi(torch.zeros(10), progress=False)
     with pytest.raises(TypeError, match="torch.Tensor or numpy array"):
         fit_svi([[0.0, 1.0]], progress=False)
+
+
+def test_pitman_yor_discount_fits():
+    data, labels = make_clusters(3, 2, 3000, separation=8.0, seed=11)
+    posterior = fit_svi(data, truncation=10, discount=0.3, batch_size=1000, num_steps=300, progress=False)
+    assert posterior.settings["discount"] == 0.3
+    assert adjusted_rand_score(labels.numpy(), posterior.assign(data).numpy()) >= 0.98
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_model_trace_and_prior_draws(covariance):
+    from pyro import poutine
+
+    from dinodpmm.models import DPMM, StickBreakingMixture, get_family
+
+    data, _ = make_clusters(2, 3, 200, separation=4.0, seed=12)
+    dpmm = DPMM(get_family(covariance).from_data(data), truncation=6, alpha_prior=(1.0, 1.0))
+    with warnings.catch_warnings():
+        # torch's Wishart sampler warns when it redraws a numerically singular sample.
+        warnings.filterwarnings("ignore", "Singular sample detected", UserWarning)
+        trace = poutine.trace(dpmm.model).get_trace(data, torch.arange(50))
+    assert {"alpha", "v", "loc", "precision"} <= set(trace.stochastic_nodes)
+    assert trace.nodes["obs"]["value"].shape == (50, 3)
+    assert torch.isfinite(trace.log_prob_sum())
+
+    params = {"loc": trace.nodes["loc"]["value"]}
+    if covariance == "diag":
+        params["precision"] = trace.nodes["precision"]["value"]
+    else:
+        params["precision_tril"] = torch.linalg.cholesky(trace.nodes["precision"]["value"])
+    from dinodpmm.models import log_weights_from_sticks
+
+    mixture = StickBreakingMixture(log_weights_from_sticks(trace.nodes["v"]["value"]), get_family(covariance), params)
+    assert mixture.sample((7,)).shape == (7, 3)
+
+
+def test_num_threads_restored_after_fit():
+    data, _ = make_clusters(2, 2, 500, separation=6.0, seed=13)
+    before = torch.get_num_threads()
+    fit_svi(data, truncation=4, num_steps=5, progress=False, num_threads=1)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="num_threads must be a positive integer"):
+        fit_svi(data, truncation=4, num_steps=5, progress=False, num_threads=0)
