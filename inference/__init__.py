@@ -1,5 +1,6 @@
 """Inference algorithms for the DPMM; every one returns a :class:`Posterior`."""
 
+from .diagnostics import ComponentCountPosterior, component_count_posterior, inference_data
 from .gibbs import fit_gibbs
 from .online_em import fit_online_em
 from .posterior import ComponentCount, Posterior
@@ -7,6 +8,9 @@ from .svi import MeanFieldELBO, MeanFieldGuide, fit_svi
 
 __all__ = [
     "ComponentCount",
+    "ComponentCountPosterior",
+    "component_count_posterior",
+    "inference_data",
     "MeanFieldELBO",
     "MeanFieldGuide",
     "Posterior",

@@ -230,6 +230,15 @@ class Posterior:
         count = int(torch.searchsorted(cumulative, torch.tensor(mass - 1e-12, dtype=torch.float64))) + 1
         return min(count, self.truncation)
 
+    def inference_data(self, num_points: int | None = None, num_samples: int = 1000, *, seed: int = 0):
+        """Return an ``arviz.InferenceData`` of the number of components, alpha and the sorted weights.
+
+        See :func:`dinodpmm.inference.diagnostics.inference_data`.
+        """
+        from .diagnostics import inference_data
+
+        return inference_data(self, num_points=num_points, num_samples=num_samples, seed=seed)
+
     def stick_posterior(self) -> Beta | None:
         """Return the Beta posterior of the sticks, or None when the algorithm has none."""
         return None if self.sticks is None else Beta(*self.sticks)

@@ -154,3 +154,9 @@ def test_effective_components():
 def test_describe_is_json_serialisable():
     description = make_posterior().describe()
     assert json.loads(json.dumps(description))["provenance"] == {"backbone": "offline"}
+
+
+def test_inference_data_method_has_component_counts():
+    idata = make_posterior().inference_data(num_points=50, num_samples=20)
+    assert "num_components" in idata.posterior
+    assert idata.posterior["num_components"].shape == (1, 20)
