@@ -1,8 +1,9 @@
 """Measure how well the offline backbone's features separate tumours on lgg_flair.
 
-Protocol: embed a seeded subsample of ``train/good`` and the whole test split
-(``test/good`` and ``test/Ungood/img``, masks from ``test/Ungood/label``). Fit two
-models of the normal patches:
+Protocol: embed a seeded subsample of ``train/good`` and the whole evaluation split
+(``test`` by default, ``valid`` with ``--split valid``): ``<split>/good/img`` and
+``<split>/Ungood/img``, with masks from ``<split>/Ungood/label``. Fit two models of
+the normal patches:
 
 - memory bank: all training patches (subsampled to ``--bank-size``), score = Euclidean
   distance to the nearest bank patch;
@@ -12,8 +13,8 @@ models of the normal patches:
 
 Patch scores form an anomaly map, upsampled bilinearly to the mask size. The image
 score is the mean of the top 1% of patch scores (the maximum below 100 patches).
-The script prints image AUROC (test/good = 0, Ungood = 1), pixel AUROC over the
-test pixels and the embedding time per image.
+The script prints image AUROC (good = 0, Ungood = 1), pixel AUROC over the pixels of
+the evaluation images and the embedding time per image.
 
 Run from the repository root::
 
@@ -114,14 +115,14 @@ def nearest_distance(queries: torch.Tensor, references: torch.Tensor, chunk: int
 
 
 def image_scores(patch_scores: torch.Tensor) -> np.ndarray:
-    """Mean of the top 1% patch scores per image, the maximum below 100 patches."""
+    """Return the mean of the top 1% patch scores per image, the maximum below 100 patches."""
     num_patches = patch_scores.shape[1]
     top = max(1, math.floor(0.01 * num_patches)) if num_patches >= 100 else 1
     return patch_scores.topk(top, dim=1).values.mean(dim=1).numpy()
 
 
 def pixel_auroc(patch_scores: torch.Tensor, grid, labels: np.ndarray, subsample: int, seed: int) -> float:
-    """AUROC of bilinearly upsampled anomaly maps against pixel labels (num_images, H, W)."""
+    """Return the AUROC of bilinearly upsampled anomaly maps against pixel labels (num_images, H, W)."""
     maps = patch_scores.view(-1, 1, *grid)
     upsampled = F.interpolate(maps, size=labels.shape[1:], mode="bilinear", align_corners=False)
     values = upsampled[:, 0].numpy().ravel()
@@ -134,7 +135,7 @@ def pixel_auroc(patch_scores: torch.Tensor, grid, labels: np.ndarray, subsample:
 
 
 def load_labels(files: dict[str, list[Path]], size: tuple[int, int]) -> np.ndarray:
-    """Return pixel labels for the test images, normal first: (num_images, H, W) uint8."""
+    """Return pixel labels for the evaluation images, normal first: (num_images, H, W) uint8."""
     normal = np.zeros((len(files["normal"]), *size), dtype=np.uint8)
     abnormal = np.stack([np.asarray(Image.open(path).convert("L")) > 127 for path in files["masks"]])
     return np.concatenate([normal, abnormal.astype(np.uint8)])
@@ -179,7 +180,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     per_image_ms = 1000.0 * (train_seconds + test_seconds) / (len(files["train"]) + len(test_paths))
     print(f"backbone {backbone.name} dim {backbone.dim} grid {grid} digest {backbone.weights_digest[:12]}")
-    print(f"embedding: {per_image_ms:.1f} ms per image ({len(test_paths)} test images in {test_seconds:.1f} s), "
+    print(f"embedding: {per_image_ms:.1f} ms per image ({len(test_paths)} {args.split} images in {test_seconds:.1f} s), "
           f"k-means fit {fit_seconds:.1f} s, bank {bank.shape[0]} patches")
     subsample = f"{args.pixel_subsample} sampled" if args.pixel_subsample else "all"
     print(f"{'model':<16} {'image AUROC':>12} {'pixel AUROC':>12}   (pixels: {subsample})")

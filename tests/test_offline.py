@@ -293,10 +293,11 @@ def test_lgg_tumour_patches_score_higher(backbone):
     normal = tumour_fraction == 0.0
     auroc = roc_auc_score(tumour[tumour | normal], scores.numpy()[tumour | normal])
 
-    # Patches of one image are correlated, so the null standard deviation of the AUROC
-    # (Hanley and McNeil, 1982) is taken with one independent sample per image and
-    # class, n = 20: sqrt((2n + 1) / (12 n^2)) = 0.092. The bound is the null mean plus
-    # three of those deviations, 0.78.
+    # Under the null hypothesis the AUROC (the Mann-Whitney statistic over n0 * n1)
+    # has variance (n0 + n1 + 1) / (12 n0 n1). Patches of one image are correlated,
+    # so the test counts one independent sample per image and class, n0 = n1 = 20,
+    # which gives a standard deviation of 0.092. The bound is the null mean plus three
+    # of those deviations, 0.78.
     count = len(tumours)
     null_std = math.sqrt((2 * count + 1) / (12 * count**2))
     assert auroc > 0.5 + 3 * null_std, f"patch AUROC {auroc:.3f}"
