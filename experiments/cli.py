@@ -22,10 +22,13 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 EXIT_USER_ERROR = 2
+# Files whose presence marks a directory as a run directory.
+RUN_FILES = ("posterior.safetensors", "metrics.json", "config.yaml")
 DEFAULT_DEMO_DIR = "runs/demo"
 # Metrics printed by `run` and `evaluate`, in this order.
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "pixel_aupr", "dice_fpr10")
@@ -45,6 +48,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, values parsed as YAML, e.g. fit.truncation=50")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite a run directory that already holds a run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,9 +116,23 @@ def _load_config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _check_run_out(out: str, force: bool) -> None:
+    """Raise UserError when ``out`` is a file, or a run directory and ``force`` is off."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory for the run.")
+    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if existing and not force:
+        raise UserError(
+            f"--out {out} already holds a run ({', '.join(existing)}); choose another "
+            "directory or pass --force to overwrite it."
+        )
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import run_experiment
 
+    _check_run_out(args.out, args.force)
     metrics = run_experiment(_load_config(args), args.out, progress=args.verbose > 0)
     _print_summary(metrics)
     print(f"run directory: {args.out} (metrics.json, scores.csv, figures/)")
@@ -123,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from .runner import POSTERIOR_FILE, fit_from_config
 
+    _check_run_out(args.out, args.force)
     fitted = fit_from_config(_load_config(args), args.out, progress=args.verbose > 0)
     print(json.dumps(fitted.posterior.describe(), indent=2, default=str))
     print(f"posterior: {args.out}/{POSTERIOR_FILE}")
@@ -132,6 +152,9 @@ def _fit(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from .runner import SCORES_FILE, score_images
 
+    out = Path(args.out)
+    if any((out / name).exists() for name in RUN_FILES if name != "config.yaml"):
+        raise UserError(f"--out {args.out} is a run directory; write the scores of new images to another folder.")
     rows = score_images(args.run_dir, args.images, args.out)
     for row in rows:
         print(f"{row['score']:.6g}\t{row['path']}")
@@ -173,7 +196,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .runner import RunError
 
-    return (UserError, ConfigError, RunError, FileNotFoundError, ImageReadError, ValueError)
+    # OSError covers unreadable or truncated images (PIL raises OSError subclasses) and
+    # an --out that exists as a file.
+    return (UserError, ConfigError, RunError, OSError, ImageReadError, ValueError)
 
 
 def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:

@@ -553,11 +553,16 @@ def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, di
     return {method: {k: _finite_or_none(v) for k, v in result.metrics.items()} for method, result in results.items()}
 
 
-def _image_files(paths: Sequence[str | Path]) -> list[Path]:
+def _image_files(paths: Sequence[str | Path], exclude: Path | None = None) -> list[Path]:
+    """List the image files among ``paths`` and in their folders, skipping anything under ``exclude``."""
     files = []
+    excluded = exclude.resolve() if exclude is not None else None
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and is_image_file(p) and (excluded is None or excluded not in p.resolve().parents)
+            )
             if not found:
                 raise RunError(f"folder {path} contains no image files; pass image files or a folder of images.")
             files.extend(found)
@@ -592,7 +597,8 @@ def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     footer = plots.backbone_label(backbone.describe())
     rows = []
-    for index, path in enumerate(_image_files(paths)):
+    # Overlays written by an earlier call into a folder that is also an input are not inputs.
+    for index, path in enumerate(_image_files(paths, exclude=out_dir)):
         image = load_image(path)
         tokens, grid = backbone.embed([image])
         scores = patch_scores(posterior, tokens[0], score, config.score.min_weight)

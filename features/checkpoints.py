@@ -205,10 +205,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             loaded = load_safetensors_file(os.fspath(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+    except (OSError, RuntimeError, SafetensorError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        # The weights-only unpickler raises KeyError or ValueError on arbitrary bytes, and
+        # its own message suggests weights_only=False, which must not be followed here.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
-            f"cannot read checkpoint '{path}': {err}. Pass a PyTorch .pth file or a "
-            ".safetensors file that contains a DINOv2 state dict."
+            f"cannot read checkpoint '{path}': not a readable PyTorch or safetensors checkpoint "
+            f"({reason}). Pass a DINOv2 .pth file from Meta or a timm .safetensors file."
         ) from err
     return _unwrap_state_dict(loaded, path)
 

@@ -259,6 +259,13 @@ def fit_svi(
     pyro.clear_param_store()
     generator = torch.Generator().manual_seed(seed)
     sample = _subsample_rows(data, init_subsample, generator).to(device=device, dtype=dtype)
+    if not torch.isfinite(sample).all():
+        # NOTE: only the initialisation subsample is checked, so a memory-mapped array can
+        # still hide non-finite rows; they make the ELBO non-finite, which raises below.
+        raise ValueError(
+            "data contains NaN or infinite values (found in the initialisation subsample); "
+            "remove or impute those rows before fitting."
+        )
     shift, scale = sample.mean(0), sample.std(0).clamp_min(1e-12)
     standardized = _Standardized(data, shift, scale)
 

@@ -524,3 +524,12 @@ def test_cuda_matches_cpu(small_model, reference_tokens):
     # unit vectors stays within 1e-3 of 1 for a 12-block ViT-S.
     similarity = (tokens * reference_tokens[0]).sum(dim=-1)
     assert similarity.min() > 1 - 1e-3
+
+
+def test_text_file_weights_raise_checkpoint_error(tmp_path):
+    from dinodpmm.features.checkpoints import CheckpointError, read_state_dict
+
+    path = tmp_path / "notes.pth"
+    path.write_text("hello\n")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch or safetensors checkpoint"):
+        read_state_dict(path)

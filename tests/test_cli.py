@@ -137,3 +137,33 @@ def test_score_missing_image(tmp_path, capsys):
     assert _error_line(capsys) == (
         f"error: image or folder {tmp_path / 'absent.png'} not found; pass existing image files or folders."
     )
+
+
+def test_run_refuses_existing_run_directory(tmp_path, capsys):
+    from dinodpmm.experiments.cli import main
+
+    (tmp_path / "posterior.safetensors").write_bytes(b"keep")
+    config = tmp_path / "config_source.yaml"
+    config.write_text("backbone:\n  name: offline\n")
+    assert main(["run", str(config), "--out", str(tmp_path)]) == 2
+    assert "already holds a run (posterior.safetensors)" in capsys.readouterr().err
+    assert (tmp_path / "posterior.safetensors").read_bytes() == b"keep"
+
+
+def test_run_rejects_out_that_is_a_file(tmp_path, capsys):
+    from dinodpmm.experiments.cli import main
+
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    config = tmp_path / "config_source.yaml"
+    config.write_text("backbone:\n  name: offline\n")
+    assert main(["run", str(config), "--out", str(target)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_score_refuses_run_directory_as_out(tmp_path, capsys):
+    from dinodpmm.experiments.cli import main
+
+    (tmp_path / "metrics.json").write_text("{}")
+    assert main(["score", str(tmp_path), str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is a run directory" in capsys.readouterr().err

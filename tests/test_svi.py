@@ -181,3 +181,10 @@ def test_num_threads_restored_after_fit():
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="num_threads must be a positive integer"):
         fit_svi(data, truncation=4, num_steps=5, progress=False, num_threads=0)
+
+
+def test_fit_svi_rejects_non_finite_data():
+    data, _ = make_clusters(2, 2, 100, separation=3.0, seed=14)
+    data[5, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values"):
+        fit_svi(data, truncation=4, num_steps=1, progress=False)
