@@ -6,6 +6,7 @@ from .cache import CacheInfo, EmbeddingCache, default_cache_root
 from .checkpoints import CheckpointError, WeightsNotFoundError
 from .datasets import LAYOUTS, Dataset, Sample, Split, detect_layout, load_mask, open_dataset
 from .extract import IndexRecord, SplitEmbeddings, embed_split
+from .offline import OfflineBackbone
 from .preprocess import ImageReadError, grid_shape, load_image, preprocess
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "EmbeddingCache",
     "ImageReadError",
     "IndexRecord",
+    "OfflineBackbone",
     "Sample",
     "Split",
     "SplitEmbeddings",
