@@ -1,3 +1,4 @@
+import dataclasses
 """Tests of the posterior diagnostics and the `dinodpmm diagnose` command."""
 
 import argparse
@@ -88,8 +89,15 @@ def test_mass_components_exact():
 
 
 def test_count_requires_num_points(svi_posterior):
+    settings = {key: value for key, value in svi_posterior.settings.items() if key != "num_points"}
+    posterior = dataclasses.replace(svi_posterior, settings=settings)
     with pytest.raises(ValueError, match="num_points is None and the 'svi' posterior"):
-        component_count_posterior(svi_posterior)
+        component_count_posterior(posterior)
+
+
+def test_count_defaults_to_fitted_points(svi_posterior):
+    count = component_count_posterior(svi_posterior)
+    assert count.num_points == svi_posterior.settings["num_points"]
 
 
 def test_count_rejects_mass(svi_posterior):
