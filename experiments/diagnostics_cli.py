@@ -15,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 POSTERIOR_FILE = "posterior.safetensors"
 INFERENCE_DATA_FILE = "inference_data.nc"
-FIGURES_DIR = "figures"
+# Under the run's figures folder, so the run's own figures of the same names stay.
+FIGURES_DIR = "figures/diagnostics"
 
 # Exit status for a user error (missing file or folder, invalid option), as argparse uses.
 USAGE_ERROR = 2

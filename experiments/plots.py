@@ -41,7 +41,8 @@ def _finish(figure: Figure, path: Path, footer: str) -> Path:
     # supxlabel, unlike figure.text, gets space from the constrained layout.
     figure.supxlabel(footer, fontsize=8, color="0.3")
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=_DPI)
+    # bbox_inches="tight" widens the canvas so that a footer longer than the axes is not clipped.
+    figure.savefig(path, dpi=_DPI, bbox_inches="tight")
     return path
 
 

@@ -442,6 +442,12 @@ def _finite_or_none(value: Any) -> Any:
 def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timings: dict[str, float]) -> dict:
     config, posterior = fitted.config, fitted.posterior
     count = posterior.num_components(fitted.train.num_patches, NUM_COMPONENT_DRAWS, seed=config.fit.seed)
+    saturated = count.interval(0.94)[1] >= posterior.truncation
+    if saturated:
+        logger.warning(
+            "all %d components are occupied in some posterior draws, so the truncation bounds the "
+            "number of components; raise fit.truncation", posterior.truncation,
+        )
     document = {method: {k: _finite_or_none(v) for k, v in result.metrics.items()}
                 for method, result in results.items()}
     document.update(
@@ -455,7 +461,8 @@ def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timin
         counts={**fitted.data.counts(), "train_patches": fitted.train.num_patches},
         posterior=posterior.describe(),
         num_components={"mean": count.mean, "interval_94": list(count.interval(0.94)),
-                        "num_points": count.num_points},
+                        "num_points": count.num_points, "truncation": posterior.truncation,
+                        "truncation_saturated": saturated},
         versions=package_versions(),
         timings_s=timings,
     )

@@ -175,15 +175,15 @@ def test_diagnose_run_dir(fixture, request, tmp_path, capsys):
     output = capsys.readouterr().out
     assert status == 0
     assert (tmp_path / "inference_data.nc").is_file()
-    assert (tmp_path / "figures" / "num_components.png").is_file()
+    assert (tmp_path / "figures" / "diagnostics" / "num_components.png").is_file()
     assert "ess_bulk" in output or "constant at" in output
     if fixture == "gibbs_posterior":
-        assert (tmp_path / "figures" / "trace.png").is_file()
-        assert (tmp_path / "figures" / "rank.png").is_file()
+        assert (tmp_path / "figures" / "diagnostics" / "trace.png").is_file()
+        assert (tmp_path / "figures" / "diagnostics" / "rank.png").is_file()
         assert "chains: 2" in output
     else:
-        assert (tmp_path / "figures" / "objective.png").is_file()
-        assert (tmp_path / "figures" / "q_alpha.png").is_file()
+        assert (tmp_path / "figures" / "diagnostics" / "objective.png").is_file()
+        assert (tmp_path / "figures" / "diagnostics" / "q_alpha.png").is_file()
         assert "R-hat needs several chains" in output
 
 
