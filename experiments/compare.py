@@ -314,6 +314,8 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, backbon
         error = None
         if key == "num_components_mean":
             error = np.array([[v - r["num_components_low"], r["num_components_high"] - v] for v, r in zip(values, rows)]).T
+            # The interval's ends are integer quantiles, so one can lie past the mean by a fraction.
+            error = np.clip(error, 0.0, None)
         axes.bar(names, values, yerr=error, capsize=4)
         axes.set_title(label)
         axes.tick_params(axis="x", labelrotation=30)

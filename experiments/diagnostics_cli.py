@@ -158,10 +158,18 @@ def _compare_from_config(config, algorithms):
         metrics = _evaluate_method(scorer, splits["test"], splits["threshold"], data, config).metrics
         return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
 
-    fit = config.fit
+    fit, gibbs = config.fit, config.fit.gibbs
+    alpha_prior = tuple(fit.alpha_prior) if fit.alpha_prior is not None else None
     options = {
         "truncation": fit.truncation, "covariance": fit.covariance, "seed": fit.seed,
         "provenance": {"backbone": backbone.describe()},
+        "svi": {"alpha": fit.alpha, "alpha_prior": alpha_prior, "batch_size": fit.batch_size,
+                "num_steps": fit.num_steps, "max_steps": fit.max_steps, "learning_rate": fit.learning_rate},
+        "gibbs": {"alpha": fit.alpha, "alpha_prior": alpha_prior, "num_chains": gibbs.num_chains,
+                  "num_sweeps": gibbs.num_sweeps, "burn_in": gibbs.burn_in, "thin": gibbs.thin,
+                  "subsample": gibbs.subsample, "split_merge": gibbs.split_merge},
+        "online-em": {"alpha": fit.alpha, "num_epochs": fit.online_em.num_epochs, "rate": fit.online_em.rate},
+        "sklearn": {"alpha": fit.alpha},
     }
     heldout = np.asarray(splits["threshold"].patches, dtype=np.float32)
     rows = compare_algorithms(splits["train"].patches, heldout, algorithms, options, evaluate=evaluate)

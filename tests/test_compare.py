@@ -125,3 +125,12 @@ def test_compare_rows_keys(tmp_path):
 def test_compare_rejects_algorithm():
     with pytest.raises(ValueError, match=r"algorithms must be a non-empty list drawn from .*got \['em'\]"):
         compare_algorithms(blobs(), blobs(), ["em"])
+
+
+def test_plot_comparison_mean_below_interval(tmp_path):
+    from dinodpmm.experiments.compare import plot_comparison
+
+    row = {"algorithm": "svi", "heldout_log_likelihood": 1.0, "num_components_mean": 9.9,
+           "num_components_low": 10, "num_components_high": 10, "effective_components": 9, "wall_time_s": 0.1}
+    path = plot_comparison([row], tmp_path / "comparison.png")
+    assert path.is_file()
