@@ -381,13 +381,21 @@ def _evaluate_method(scorer: Callable, test: SplitEmbeddings, threshold: SplitEm
     pixels = PixelMetrics()
     rng = np.random.default_rng(config.data.seed)
     sampled_maps, sampled_masks = [], []
+    empty_anomalous = []
     for i, sample in enumerate(data.test):
         mask = load_mask(sample)
+        if sample.label == 1 and not mask.any():
+            empty_anomalous.append(sample.image)
         heat = anomaly_map(test_scores[i], test.grid(i), mask.shape, config.score.sigma)
         pixels.update(heat, mask)
         picks = rng.choice(mask.size, size=min(mask.size, config.plots.roc_pixels_per_image), replace=False)
         sampled_maps.append(heat.reshape(-1)[picks])
         sampled_masks.append(mask.reshape(-1)[picks])
+    if empty_anomalous:
+        logger.warning(
+            "%d anomalous test images have an all-zero mask (first: %s); they count as anomalous "
+            "for the image metrics and add no anomalous pixels", len(empty_anomalous), empty_anomalous[0],
+        )
     metrics = evaluate(image_scores, test.labels, pixels, np.concatenate(normal_scores),
                        fprs=config.eval.fprs, max_fpr=config.eval.max_fpr)
     roc_pixels = (np.concatenate(sampled_masks), np.concatenate(sampled_maps))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .cache import STORAGE_DTYPES, EmbeddingCache
 from .datasets import LAYOUTS, SPLITS, open_dataset
@@ -171,6 +172,9 @@ def run_cache_info(args: argparse.Namespace) -> int:
 
 def run_cache_clear(args: argparse.Namespace) -> int:
     """Delete the entries of one backbone or of all backbones and print how many."""
+    if args.cache is not None and not Path(args.cache).is_dir():
+        error = FileNotFoundError(f"cache directory {args.cache} not found; pass the --cache given to `dinodpmm embed`")
+        return _report_user_error("cache clear", error)
     cache = EmbeddingCache(args.cache)
     try:
         removed = cache.clear(args.backbone)

@@ -615,3 +615,16 @@ def test_real_split_cached(tmp_path):
         assert first.grid(i) == backbone.grid_shape(image_size(sample.image)), sample.image
     index = json.loads(first.path.with_suffix(".json").read_text(encoding="utf-8"))
     assert index["num_patches"] == first.num_patches
+
+
+def test_cache_clear_missing_directory_fails(tmp_path, capsys):
+    import argparse
+
+    from dinodpmm.features import commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["cache", "clear", "--cache", str(tmp_path / "absent")])
+    assert args.handler(args) != 0
+    assert "cache directory" in capsys.readouterr().err
+    assert not (tmp_path / "absent").exists()
