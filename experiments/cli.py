@@ -49,7 +49,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides with dotted keys, values parsed as YAML, e.g. fit.truncation=50")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
     parser.add_argument("--force", action="store_true",
-                        help="overwrite a run directory that already holds a run")
+                        help="overwrite a run directory that already contains a run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +124,7 @@ def _check_run_out(out: str, force: bool) -> None:
     existing = [name for name in RUN_FILES if (path / name).exists()]
     if existing and not force:
         raise UserError(
-            f"--out {out} already holds a run ({', '.join(existing)}); choose another "
+            f"--out {out} already contains a run ({', '.join(existing)}); choose another "
             "directory or pass --force to overwrite it."
         )
 

@@ -217,7 +217,12 @@ class Posterior:
         weights = weights / weights.sum(-1, keepdims=True)
         rng = np.random.default_rng(seed)
         occupied = np.array([(rng.multinomial(num_points, w) > 0).sum() for w in weights], dtype=np.int64)
-        source = "draws" if self.draws is not None else ("variational" if self.sticks is not None else "point")
+        if self.draws is not None:
+            source = "draws"
+        elif self.sticks is not None:
+            source = "variational"
+        else:
+            source = "point"
         return ComponentCount(occupied, num_points, source)
 
     def effective_components(self, mass: float = 0.99) -> int:

@@ -146,7 +146,7 @@ def test_run_refuses_existing_run_directory(tmp_path, capsys):
     config = tmp_path / "config_source.yaml"
     config.write_text("backbone:\n  name: offline\n")
     assert main(["run", str(config), "--out", str(tmp_path)]) == 2
-    assert "already holds a run (posterior.safetensors)" in capsys.readouterr().err
+    assert "already contains a run (posterior.safetensors)" in capsys.readouterr().err
     assert (tmp_path / "posterior.safetensors").read_bytes() == b"keep"
 
 
