@@ -387,7 +387,7 @@ def load_backbone(
     pos_embed_interpolation : {"dinov2", "timm"}
         Position embedding resizing; see :class:`DinoV2Backbone`.
     allow_download : bool
-        Whether to download Meta's checkpoint when no cache holds it.
+        Whether to download Meta's checkpoint when no cache contains it.
     random_seed : int
         Seed for ``weights="random"``; ignored otherwise.
 

@@ -71,7 +71,7 @@ class Backbone(abc.ABC):
     @property
     @abc.abstractmethod
     def settings(self) -> dict[str, Any]:
-        """Every preprocessing and extraction setting that changes the embeddings.
+        """Return every preprocessing and extraction setting that changes the embeddings.
 
         JSON-serialisable; the embedding cache hashes it into its keys.
         """

@@ -134,7 +134,7 @@ def locate_weights(
     Raises
     ------
     WeightsNotFoundError
-        If ``weights`` does not exist, or no place holds the checkpoint. The message
+        If ``weights`` does not exist, or no searched location contains the checkpoint. The message
         lists every place searched and how to supply a file.
     """
     if weights is not None:

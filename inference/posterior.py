@@ -206,7 +206,7 @@ class Posterior:
         """Return the posterior of the number of occupied components among ``num_points`` draws.
 
         Each posterior draw of the weights is followed by a multinomial draw of
-        ``num_points`` assignments; the count of components with at least one point is
+        ``num_points`` assignments. The number of components with at least one point is
         one sample.
         """
         if num_points < 1 or num_samples < 1:

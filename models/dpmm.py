@@ -153,8 +153,8 @@ def rows_as_tensor(data, index: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     """Gather rows ``index`` of a tensor or (memory-mapped) array as a tensor like ``like``.
 
     Anything but a tensor is indexed with the rows sorted, so a memory-mapped array reads
-    only those pages in file order; the rows then come back in sorted order, which the
-    likelihood, a sum over the minibatch, does not depend on.
+    only those pages in file order. The rows then come back in sorted order, which does
+    not change the likelihood, a sum over the minibatch.
     """
     if isinstance(data, torch.Tensor):
         rows = data[index.to(data.device)]

@@ -238,7 +238,11 @@ def test_mask_size_mismatch(tmp_path):
 def test_mask_values_nonzero(tmp_path, mode, foreground):
     image = _write_image(tmp_path / "image.png")
     mask_path = tmp_path / "mask.png"
-    background = tuple(0 if i < 3 else 255 for i in range(len(foreground))) if isinstance(foreground, tuple) else 0
+    if isinstance(foreground, tuple):
+        # Colour channels 0, alpha (the fourth channel) opaque.
+        background = tuple(0 if i < 3 else 255 for i in range(len(foreground)))
+    else:
+        background = 0
     mask = Image.new(mode, IMAGE_SIZE, background)
     for x in range(3):
         for y in range(2):
