@@ -252,20 +252,14 @@ def fit_svi(
     settings["dtype"] = str(dtype).removeprefix("torch.")
     num_points, dim = _check_data(data)
     _check_options(truncation, batch_size, elbo, tolerance, window, device)
+    _check_learning_rates(learning_rate, final_learning_rate)
     batch_size = min(batch_size, num_points)
     total_steps = _resolve_num_steps(num_steps, num_epochs, max_steps, num_points, batch_size)
 
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     generator = torch.Generator().manual_seed(seed)
-    sample = _subsample_rows(data, init_subsample, generator).to(device=device, dtype=dtype)
-    if not torch.isfinite(sample).all():
-        # NOTE: only the initialisation subsample is checked, so a memory-mapped array can
-        # still hide non-finite rows; they make the ELBO non-finite, which raises below.
-        raise ValueError(
-            "data contains NaN or infinite values (found in the initialisation subsample); "
-            "remove or impute those rows before fitting."
-        )
+    sample = _checked_subsample(data, init_subsample, generator, dtype).to(device=device, dtype=dtype)
     shift, scale = sample.mean(0), sample.std(0).clamp_min(1e-12)
     standardized = _Standardized(data, shift, scale)
 
@@ -315,7 +309,7 @@ def _run_steps(svi, data, num_points, batch_size, total_steps, *, fixed_length, 
         if not math.isfinite(elbo):
             raise FloatingPointError(
                 f"the ELBO became {elbo} at step {step}; lower learning_rate, raise "
-                "reg_covar in family_options, or check the data for NaN or infinite values."
+                "reg_covar in family_options, or check the data for NaN, infinite or huge values."
             )
         trace.append(elbo)
         bar.update(1)
@@ -403,6 +397,27 @@ def _subsample_rows(data, size: int, generator: torch.Generator) -> torch.Tensor
     return rows_as_tensor(data, index, like=like)
 
 
+def _checked_subsample(data, size: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """Draw the initialisation subsample in float64 and check that ``dtype`` can fit it.
+
+    Returns
+    -------
+    torch.Tensor of shape (num_samples, dim)
+        float64 rows, ``num_samples = min(size, num_points)``.
+    """
+    sample = _subsample_rows(data, size, generator)
+    if not torch.isfinite(sample).all():
+        # NOTE: only the initialisation subsample is checked. Data with more rows than
+        # `init_subsample` can still hide non-finite or huge rows, and those make
+        # `_run_steps` raise once a minibatch gives a non-finite ELBO.
+        raise ValueError(
+            "data contains NaN or infinite values (found in the initialisation subsample); "
+            "remove or impute those rows before fitting."
+        )
+    _check_magnitude(sample, dtype)
+    return sample
+
+
 def _check_data(data) -> tuple[int, int]:
     if not isinstance(data, (torch.Tensor, np.ndarray)):
         raise TypeError(
@@ -422,6 +437,40 @@ def _check_options(truncation, batch_size, elbo, tolerance, window, device) -> N
         raise ValueError(f"tolerance must be >= 0 and window >= 1, got {tolerance!r} and {window!r}.")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} was requested but CUDA is not available here; use device='cpu'.")
+
+
+def _check_learning_rates(learning_rate, final_learning_rate) -> None:
+    for name, value in (("learning_rate", learning_rate), ("final_learning_rate", final_learning_rate)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"{name} must be a finite positive number, got {value!r}; the defaults are "
+                "learning_rate=0.05 and final_learning_rate=0.005."
+            )
+
+
+def _check_magnitude(sample: torch.Tensor, dtype: torch.dtype) -> None:
+    """Reject values whose squared differences overflow ``dtype``.
+
+    The variances of the standardisation and the squared distances of the posterior's
+    log-density square differences of two values. Such a difference is at most twice the
+    largest magnitude, so that magnitude must stay below ``sqrt(finfo.max) / 2``, which
+    is about 9.2e18 for float32 and 6.7e153 for float64.
+
+    Parameters
+    ----------
+    sample : torch.Tensor of shape (num_samples, dim)
+        Rows of the data, in a dtype at least as wide as ``dtype``.
+    dtype : torch.dtype
+        Floating point type of the fit.
+    """
+    limit = math.sqrt(torch.finfo(dtype).max) / 2
+    largest = float(sample.abs().max())
+    if largest > limit:
+        raise ValueError(
+            f"data contains values up to {largest:.3g} in magnitude (found in the initialisation "
+            f"subsample), but squared differences of values above {limit:.3g} overflow "
+            f"dtype={dtype}; rescale the data, remove those rows, or fit with dtype=torch.float64."
+        )
 
 
 def _resolve_num_steps(num_steps, num_epochs, max_steps, num_points, batch_size) -> int:

@@ -188,3 +188,46 @@ def test_fit_svi_rejects_non_finite_data():
     data[5, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN or infinite values"):
         fit_svi(data, truncation=4, num_steps=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"learning_rate": float("nan")},
+        {"learning_rate": float("inf")},
+        {"learning_rate": 0.0},
+        {"learning_rate": -0.1},
+        {"final_learning_rate": float("nan")},
+        {"final_learning_rate": 0.0},
+    ],
+    ids=["nan", "inf", "zero", "negative", "final-nan", "final-zero"],
+)
+def test_fit_svi_rejects_learning_rate(kwargs):
+    data, _ = make_clusters(2, 2, 100, separation=3.0, seed=15)
+    (name, value), = kwargs.items()
+    with pytest.raises(ValueError, match=rf"{name} must be a finite positive number, got {value!r}"):
+        fit_svi(data, truncation=4, num_steps=1, progress=False, **kwargs)
+
+
+def test_fit_svi_rejects_overflowing_values():
+    data, _ = make_clusters(2, 2, 100, separation=3.0, seed=16)
+    data[5] = 1e20
+    message = r"values up to 1e\+20 in magnitude .* overflow dtype=torch.float32; .*dtype=torch.float64"
+    with pytest.raises(ValueError, match=message):
+        fit_svi(data, truncation=4, num_steps=1, progress=False)
+
+
+def test_fit_svi_float64_fits_huge_values():
+    data, _ = make_clusters(2, 2, 100, separation=3.0, seed=16)
+    data = data.double()
+    data[5] = 1e20
+    posterior = fit_svi(data, truncation=4, num_steps=20, dtype=torch.float64, progress=False)
+    assert torch.isfinite(posterior.log_density(data)).all()
+
+
+def test_fit_svi_fits_values_below_limit():
+    # The float32 limit is sqrt(finfo.max) / 2, about 9.2e18.
+    data, _ = make_clusters(2, 2, 100, separation=3.0, seed=17)
+    data[5] = 9e18
+    posterior = fit_svi(data, truncation=4, num_steps=20, progress=False)
+    assert torch.isfinite(posterior.log_density(data)).all()
