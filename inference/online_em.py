@@ -97,12 +97,12 @@ class _MinibatchSource:
         self.matrix = None
         self.offsets: np.ndarray | None = None
         if isinstance(data, (list, tuple)):
-            self._from_images(list(data))
+            data = _split_list(data, "data")
+        if isinstance(data, list):
+            self._from_images(data)
             self.units_per_step = images_per_step
         else:
-            if not isinstance(data, torch.Tensor) and not hasattr(data, "shape"):
-                data = np.asarray(data)
-            self._from_array(data, image_offsets, batch_size)
+            self._from_array(_as_array(data, "data"), image_offsets, batch_size)
             self.units_per_step = images_per_step if self.offsets is not None else batch_size
 
     def _from_images(self, images):
@@ -168,6 +168,48 @@ class _MinibatchSource:
         return torch.stack(
             [_as_tensor(self.images[i][r - self.offsets[i]]) for i, r in zip(image_of_row, rows)]
         )
+
+
+_ACCEPTED_TYPES = "a list of per-image arrays, or a numpy array, memory-mapped array or torch.Tensor"
+_ACCEPTED_ITEMS = "an array of shape (num_patches, dim) or a row of length dim"
+
+
+def _as_array(value, name: str, accepted: str = _ACCEPTED_TYPES):
+    """Return tensors and objects with a ``shape`` unchanged and anything else as a numeric numpy array.
+
+    ``accepted`` describes the accepted types in the TypeError raised for non-numeric values.
+    """
+    if isinstance(value, torch.Tensor) or hasattr(value, "shape"):
+        return value
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise ValueError(
+            f"{name} is a nested sequence with rows of different lengths; give every patch "
+            "the same dim, or pass a list of per-image arrays of shape (num_patches, dim)."
+        ) from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must be {accepted}, containing numbers; got {type(value).__name__} "
+            f"that converts to a numpy array of dtype {array.dtype}."
+        )
+    return array
+
+
+def _split_list(data: list | tuple, name: str):
+    """Interpret a list (or tuple) as per-image patch arrays or as the rows of a patch matrix.
+
+    Returns
+    -------
+    list or np.ndarray
+        A list of per-image arrays when every item is 2-D, or a numeric array of shape
+        (num_points, dim) when every item is a 1-D row of numbers, as ``np.asarray``
+        reads a list of lists.
+    """
+    items = [_as_array(item, f"{name}[{index}]", _ACCEPTED_ITEMS) for index, item in enumerate(data)]
+    if items and all(len(item.shape) == 1 for item in items):
+        return _as_array(items, name)
+    return items
 
 
 def _check_offsets(image_offsets, num_rows) -> np.ndarray:
@@ -420,11 +462,15 @@ def fit_online_em(
     data : list of arrays, array or tensor
         Patch embeddings in one of these layouts:
 
-        - a list of per-image arrays, each of shape (num_patches_i, dim);
+        - a list of per-image arrays, each of shape (num_patches_i, dim), or nested
+          lists of numbers in that layout;
         - an array of shape (num_images, num_patches, dim);
         - a patch matrix of shape (num_points, dim) with ``image_offsets``;
         - a patch matrix of shape (num_points, dim) with ``batch_size``, which steps over
           random rows instead of images.
+
+        A list whose items are all 1-D rows of numbers is a patch matrix, as
+        ``np.asarray`` reads it.
 
         Arrays may be (float16) ``np.memmap``; only the minibatches are read.
     truncation : int
@@ -530,14 +576,22 @@ def _check_settings(truncation, covariance, alpha, images_per_step, num_epochs, 
 
 def _validation_tensor(validation, dim) -> torch.Tensor:
     if isinstance(validation, (list, tuple)):
-        validation = torch.cat([_as_tensor(v) for v in validation])
-    validation = _as_tensor(validation[:] if hasattr(validation, "shape") else np.asarray(validation))
-    if validation.ndim != 2 or validation.shape[1] != dim:
+        validation = _split_list(validation, "validation")
+    if isinstance(validation, list):
+        shapes = sorted({tuple(item.shape) for item in validation})
+        if not validation or any(len(shape) != 2 or shape[1] != dim for shape in shapes):
+            raise ValueError(
+                f"validation as a list must contain arrays of shape (num_patches, {dim}) like the "
+                f"training patches, got shapes {shapes[:5]}; embed the validation images with the same backbone."
+            )
+        return torch.cat([_as_tensor(item) for item in validation])
+    validation = _as_array(validation, "validation")
+    if len(validation.shape) != 2 or validation.shape[1] != dim:
         raise ValueError(
             f"validation must have shape (num_points, {dim}) like the training patches, got "
             f"{tuple(validation.shape)}; embed the validation images with the same backbone."
         )
-    return validation
+    return _as_tensor(validation[:])
 
 
 def _initialise(source, family, truncation, alpha, point_estimates, rng, device) -> _MixtureState:

@@ -175,3 +175,56 @@ def test_patch_matrix_needs_structure():
 def test_invalid_offsets():
     with pytest.raises(ValueError, match="image_offsets must be a non-decreasing"):
         fit_online_em(np.concatenate(small_images()), truncation=5, image_offsets=[0, 50, 100], progress=False)
+
+
+# Each layout as nested lists and as the arrays they convert to.
+NESTED_LISTS = {
+    "images": lambda images: ({"data": [image.tolist() for image in images]}, {"data": images}),
+    "rows": lambda images: (
+        {"data": np.concatenate(images).tolist(), "batch_size": 40},
+        {"data": np.concatenate(images), "batch_size": 40},
+    ),
+    "rows-offsets": lambda images: (
+        {"data": np.concatenate(images).tolist(), "image_offsets": np.arange(13) * 10},
+        {"data": np.concatenate(images), "image_offsets": np.arange(13) * 10},
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(NESTED_LISTS), ids=list(NESTED_LISTS))
+def test_nested_lists_match_arrays(layout):
+    as_lists, as_arrays = NESTED_LISTS[layout](small_images(seed=8))
+    from_lists = fit_online_em(truncation=5, num_epochs=2, seed=3, progress=False, **as_lists)
+    from_arrays = fit_online_em(truncation=5, num_epochs=2, seed=3, progress=False, **as_arrays)
+    torch.testing.assert_close(from_lists.means, from_arrays.means)
+    assert from_lists.settings["num_units"] == from_arrays.settings["num_units"]
+
+
+def test_nested_list_validation():
+    images = small_images(seed=9)
+    validation = small_images(seed=10)
+    from_lists = fit_online_em(images, truncation=5, num_epochs=2, validation=np.concatenate(validation).tolist(),
+                               progress=False)
+    from_arrays = fit_online_em(images, truncation=5, num_epochs=2, validation=validation, progress=False)
+    assert from_lists.trace["validation_nll"] == pytest.approx(from_arrays.trace["validation_nll"], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "data, error, message",
+    [
+        ([[1.0, 2.0], [3.0]], ValueError, "data is a nested sequence with rows of different lengths"),
+        ([["a", "b"], ["c", "d"]], TypeError, r"data\[0\] must be an array of shape \(num_patches, dim\)"),
+        ({"patches": [1.0, 2.0]}, TypeError, "data must be a list of per-image arrays, or a numpy array"),
+        ([], ValueError, "data is an empty list"),
+    ],
+    ids=["ragged", "strings", "dict", "empty"],
+)
+def test_invalid_data_types(data, error, message):
+    with pytest.raises(error, match=message):
+        fit_online_em(data, truncation=2, batch_size=1, progress=False)
+
+
+def test_invalid_validation_list():
+    images = small_images(seed=11)
+    with pytest.raises(ValueError, match=r"validation as a list must contain arrays of shape \(num_patches, 3\)"):
+        fit_online_em(images, truncation=5, validation=[images[0][:, :2]], progress=False)
