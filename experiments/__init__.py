@@ -1,26 +1,32 @@
-"""Scoring, metrics, the experiment runner, plots and the command-line interface."""
+"""Scoring, metrics, the experiment runner, plots and the command-line interface.
 
-from .config import Config, load_config
-from .memory_bank import MemoryBank
-from .metrics import PixelMetrics, evaluate, image_auroc, thresholds_from_normal
-from .runner import evaluate_run, fit_from_config, run_experiment, score_images
-from .scoring import SCORE_NAMES, anomaly_map, image_score, image_scores, patch_scores
+The names below load their modules on first access, so that the ``dinodpmm`` command
+(:mod:`.cli`, inside this package) answers ``--help`` without importing torch.
+"""
 
-__all__ = [
-    "SCORE_NAMES",
-    "Config",
-    "evaluate_run",
-    "fit_from_config",
-    "load_config",
-    "run_experiment",
-    "score_images",
-    "MemoryBank",
-    "PixelMetrics",
-    "anomaly_map",
-    "evaluate",
-    "image_auroc",
-    "image_score",
-    "image_scores",
-    "patch_scores",
-    "thresholds_from_normal",
-]
+from .._lazy import lazy_exports
+
+# Public name -> module (relative to this package) that defines it.
+_EXPORTS = {
+    "Config": ".config",
+    "load_config": ".config",
+    "MemoryBank": ".memory_bank",
+    "PixelMetrics": ".metrics",
+    "evaluate": ".metrics",
+    "image_auroc": ".metrics",
+    "thresholds_from_normal": ".metrics",
+    "fit_from_config": ".runner",
+    "run_experiment": ".runner",
+    "evaluate_run": ".saved_runs",
+    "load_run": ".saved_runs",
+    "score_images": ".saved_runs",
+    "SCORE_NAMES": ".scoring",
+    "anomaly_map": ".scoring",
+    "image_score": ".scoring",
+    "image_scores": ".scoring",
+    "patch_scores": ".scoring",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -30,6 +30,9 @@ EXIT_USER_ERROR = 2
 # Files whose presence marks a directory as a run directory.
 RUN_FILES = ("posterior.safetensors", "metrics.json", "config.yaml")
 DEFAULT_DEMO_DIR = "runs/demo"
+# Default --fpr of `score`, the same as `saved_runs.score_images` (not imported here, so
+# that `--help` does not load torch).
+DEFAULT_SCORE_FPR = 0.05
 # Metrics printed by `run` and `evaluate`, in this order.
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "pixel_aupr", "dice_fpr10")
 
@@ -69,14 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(fit)
     fit.set_defaults(handler=_fit)
 
-    score = subparsers.add_parser("score", help="score new images with a fitted run")
+    score = subparsers.add_parser(
+        "score", help="score new images with a fitted run",
+        description="Score each image with the run's posterior, write an anomaly-map overlay per image and "
+                    "scores.csv, and flag images whose score exceeds the threshold set on the run's normal "
+                    "validation images.",
+    )
     score.add_argument("run_dir", metavar="RUN_DIR", help="directory written by `dinodpmm run` or `dinodpmm fit`")
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
     score.add_argument("--out", required=True, metavar="DIR", help="directory for scores.csv and the overlays")
+    score.add_argument("--fpr", type=float, default=DEFAULT_SCORE_FPR,
+                       help="fraction of the run's normal validation images allowed above the threshold "
+                            f"(default: {DEFAULT_SCORE_FPR})")
     score.set_defaults(handler=_score)
 
-    evaluate = subparsers.add_parser("evaluate", help="recompute the metrics of a saved run")
-    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="directory written by `dinodpmm run`")
+    evaluate = subparsers.add_parser(
+        "evaluate", help="recompute the metrics of a saved run",
+        description="Recompute the DPMM's metrics of RUN_DIR on its dataset as it is now, print them, and "
+                    "write RUN_DIR/evaluation.json; metrics.json and the other files of the run stay as they are.",
+    )
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="directory written by `dinodpmm run` or `dinodpmm fit`")
+    evaluate.add_argument("--memory-bank", action="store_true",
+                          help="score the memory-bank baseline too (exact nearest neighbours; minutes per "
+                               "hundred images on a CPU)")
     evaluate.set_defaults(handler=_evaluate)
 
     demo = subparsers.add_parser("demo", help="run the pipeline on texture images bundled with scikit-image")
@@ -150,22 +168,39 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .runner import SCORES_FILE, score_images
+    from .runner import SCORES_FILE
+    from .saved_runs import normal_reference, score_images
 
     out = Path(args.out)
     if any((out / name).exists() for name in RUN_FILES if name != "config.yaml"):
         raise UserError(f"--out {args.out} is a run directory; write the scores of new images to another folder.")
-    rows = score_images(args.run_dir, args.images, args.out)
+    if not 0.0 < args.fpr < 1.0:
+        raise UserError(f"--fpr must lie in (0, 1), got {args.fpr}; pass for example 0.05.")
+    rows = score_images(args.run_dir, args.images, args.out, fpr=args.fpr)
+    reference = normal_reference(args.run_dir)
+    print(f"run {args.run_dir}, backbone {rows[0]['backbone']}")
+    if reference is None:
+        print("no threshold: the run has no normal validation scores; run `dinodpmm evaluate "
+              f"{args.run_dir}` to compute them")
+    else:
+        above = sum(value > rows[0]["threshold"] for value in reference.scores)
+        print(f"threshold {rows[0]['threshold']:.6g}: {above} of the run's {len(reference.scores)} normal "
+              f"validation images score above it (--fpr {args.fpr:g})")
+    print("score".rjust(12) + "normal %".rjust(10) + "  flag       path")
     for row in rows:
-        print(f"{row['score']:.6g}\t{row['path']}")
+        percentile = "" if row["normal_percentile"] == "" else f"{row['normal_percentile']:.1f}"
+        flag = "anomalous" if row["above_threshold"] is True else ""
+        print(f"{row['score']:12.6g}{percentile:>10}  {flag:<10} {row['path']}")
     print(f"scored {len(rows)} images; scores and overlays in {args.out}/{SCORES_FILE}")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .runner import evaluate_run
+    from .saved_runs import EVALUATION_FILE, evaluate_run
 
-    _print_summary(evaluate_run(args.run_dir, progress=args.verbose > 0))
+    document = evaluate_run(args.run_dir, memory_bank=args.memory_bank, progress=args.verbose > 0)
+    _print_summary(document)
+    print(f"wrote {Path(args.run_dir) / EVALUATION_FILE}")
     return 0
 
 
@@ -180,7 +215,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(metrics: dict) -> None:
+    from .plots import backbone_label
+
     methods = [method for method in ("dpmm", "memory_bank") if method in metrics]
+    if "backbone" in metrics:
+        print(f"{backbone_label(metrics['backbone'])}; score: {metrics.get('score', 'unknown')}")
     print("metric".ljust(16) + "".join(method.rjust(14) for method in methods))
     for key in SUMMARY_METRICS:
         values = [metrics[method].get(key) for method in methods]

@@ -221,6 +221,14 @@ class OnlineEMConfig:
 
 
 @dataclasses.dataclass
+class SklearnConfig:
+    max_iter: int = _field(500, _Check("int", low=1), "iterations of scikit-learn's batch variational inference")
+    subsample: int | None = _field(
+        100000, _Check("int", low=2, nullable=True), "training patches scikit-learn sees; null uses all"
+    )
+
+
+@dataclasses.dataclass
 class FitConfig:
     algorithm: str = _field("svi", _Check("choice", choices=ALGORITHMS), "inference algorithm")
     truncation: int = _field(500, _Check("int", low=2), "number of components of the truncated process")
@@ -238,6 +246,8 @@ class FitConfig:
     seed: int = _field(0, _Check("int", low=0), "seed of the fit")
     gibbs: GibbsConfig = _section(GibbsConfig)
     online_em: OnlineEMConfig = _section(OnlineEMConfig)
+    # The external reference of `dinodpmm compare`; `fit.algorithm` cannot select it.
+    sklearn: SklearnConfig = _section(SklearnConfig)
 
 
 @dataclasses.dataclass
@@ -373,7 +383,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"invalid override {text!r}; overrides have the form key=value, for example fit.truncation=50."
         )
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value, f"override {text!r}") if value.strip() else None
     except yaml.YAMLError as error:
         raise ConfigError(f"invalid value in override {text!r}: not valid YAML ({error}).") from None
     return key.strip().split("."), parsed
@@ -398,6 +408,53 @@ def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {key: _deep_copy(value) if isinstance(value, Mapping) else value for key, value in raw.items()}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping raises ConfigError.
+
+    PyYAML keeps the last value of a repeated key, so a second ``fit:`` section would
+    silently replace the first one.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(node, "", self.name, set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(node: yaml.Node, prefix: str, source: str, visited: set[int]) -> None:
+    """Raise ConfigError for the first key that a mapping under ``node`` repeats."""
+    if id(node) in visited:  # an alias of a node already checked, possibly recursive
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _check_unique_keys(item, f"{prefix}{index}.", source, visited)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    # Keyed by tag and text, so that 1 and "1", an int and a str, stay different keys.
+    first_lines: dict[tuple[str, str], int] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.id}>"
+        line = key_node.start_mark.line + 1
+        if isinstance(key_node, yaml.ScalarNode) and (key_node.tag, key) in first_lines:
+            raise ConfigError(
+                f"{source} contains the key {prefix}{key} twice, at lines {first_lines[key_node.tag, key]} "
+                f"and {line}; keep one of them."
+            )
+        first_lines[key_node.tag, key] = line
+        _check_unique_keys(value_node, f"{prefix}{key}.", source, visited)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """Parse YAML ``text`` with :class:`_UniqueKeyLoader`; ``source`` names it in messages."""
+    loader = _UniqueKeyLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from ``path``.
 
@@ -406,13 +463,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     FileNotFoundError
         If the file does not exist.
     ConfigError
-        If the file is not valid YAML or its top level is not a mapping.
+        If the file is not UTF-8 text or not valid YAML, repeats a key within one mapping,
+        or its top level is not a mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found; pass the path of a YAML experiment config.")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not valid UTF-8 (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}); save it as UTF-8 YAML."
+        ) from None
+    try:
+        raw = _load_yaml(text, f"config file {path}")
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
     if raw is None:

@@ -18,6 +18,10 @@ INFERENCE_DATA_FILE = "inference_data.nc"
 # Under the run's figures folder, so the run's own figures of the same names stay.
 FIGURES_DIR = "figures/diagnostics"
 
+# The names of `compare.ALGORITHMS`, written out so that building the parser does not
+# import torch; a test checks that the two agree.
+COMPARE_ALGORITHMS = ("svi", "gibbs", "online-em", "sklearn")
+
 # Exit status for a user error (missing file or folder, invalid option), as argparse uses.
 USAGE_ERROR = 2
 
@@ -41,8 +45,6 @@ def register(subparsers) -> None:
     diagnose.add_argument("--seed", type=int, default=0, help="seed of the variational draws")
     diagnose.set_defaults(handler=run_diagnose)
 
-    from .compare import ALGORITHMS
-
     compare = subparsers.add_parser(
         "compare",
         help="fit several inference algorithms on the same embeddings and tabulate them",
@@ -53,8 +55,12 @@ def register(subparsers) -> None:
         ),
     )
     compare.add_argument("config", type=Path, help="experiment configuration (YAML)")
+    compare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="config overrides with dotted keys, e.g. fit.gibbs.subsample=5000")
+    # No argparse `choices`: overrides written after the list land in it and are moved
+    # to `overrides` by `run_compare`, which then checks the names.
     compare.add_argument(
-        "--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS,
+        "--algorithms", nargs="+", default=list(COMPARE_ALGORITHMS), metavar="{" + ",".join(COMPARE_ALGORITHMS) + "}",
         help="algorithms to fit (default: all)",
     )
     compare.add_argument(
@@ -116,11 +122,18 @@ def run_compare(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .runner import RunError
 
+    from .compare import ALGORITHMS
+
+    overrides = [*args.overrides, *(name for name in args.algorithms if "=" in name)]
+    algorithms = [name for name in args.algorithms if "=" not in name]
+    unknown = [name for name in algorithms if name not in ALGORITHMS]
+    if unknown or not algorithms:
+        return _error(f"--algorithms takes names from {', '.join(ALGORITHMS)}, got {' '.join(args.algorithms)}.")
     if not Path(args.config).is_file():
         return _error(f"config file not found: {args.config}; pass a YAML experiment configuration.")
     try:
-        config = load_config(args.config)
-        rows, backbone = _compare_from_config(config, args.algorithms)
+        config = load_config(args.config, overrides)
+        rows, backbone = _compare_from_config(config, algorithms)
     except (ConfigError, RunError, FileNotFoundError) as error:
         return _error(str(error))
     out_dir = Path(args.out) if args.out is not None else Path(f"compare-{Path(args.config).stem}")
@@ -137,7 +150,7 @@ def _compare_from_config(config, algorithms):
     from ..inference.diagnostics import backbone_label
     from .compare import compare_algorithms
     from .config import resolve_paths
-    from .runner import _evaluate_method, backbone_from_config, prepare_data, score_name
+    from .runner import backbone_from_config, evaluate_method, prepare_data, score_name
     from .scoring import patch_scores
 
     config = resolve_paths(config)
@@ -155,7 +168,7 @@ def _compare_from_config(config, algorithms):
         def scorer(patches):
             return patch_scores(posterior, patches, score, config.score.min_weight)
 
-        metrics = _evaluate_method(scorer, splits["test"], splits["threshold"], data, config).metrics
+        metrics = evaluate_method(scorer, splits["test"], splits["threshold"], data, config).metrics
         return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
 
     fit, gibbs = config.fit, config.fit.gibbs
@@ -169,7 +182,7 @@ def _compare_from_config(config, algorithms):
                   "num_sweeps": gibbs.num_sweeps, "burn_in": gibbs.burn_in, "thin": gibbs.thin,
                   "subsample": gibbs.subsample, "split_merge": gibbs.split_merge},
         "online-em": {"alpha": fit.alpha, "num_epochs": fit.online_em.num_epochs, "rate": fit.online_em.rate},
-        "sklearn": {"alpha": fit.alpha},
+        "sklearn": {"alpha": fit.alpha, "max_iter": fit.sklearn.max_iter, "subsample": fit.sklearn.subsample},
     }
     heldout = np.asarray(splits["threshold"].patches, dtype=np.float32)
     rows = compare_algorithms(splits["train"].patches, heldout, algorithms, options, evaluate=evaluate)

@@ -37,6 +37,15 @@ def backbone_label(backbone: Mapping[str, Any]) -> str:
     return f"backbone: {name} (resolution {backbone.get('resolution', '?')})"
 
 
+def grayscale(image) -> np.ndarray:
+    """Return an image as float (height, width) in [0, 1] for display, whatever its mode and bit depth."""
+    array = np.asarray(image.convert("F") if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") else image.convert("L"),
+                       dtype=np.float64)
+    low, high = np.percentile(array, [0.5, 99.5])
+    # The floor keeps a constant image finite (all zeros) instead of dividing by zero.
+    return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0)
+
+
 def _finish(figure: Figure, path: Path, footer: str) -> Path:
     # supxlabel, unlike figure.text, gets space from the constrained layout.
     figure.supxlabel(footer, fontsize=8, color="0.3")

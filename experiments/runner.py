@@ -5,8 +5,10 @@
     config.yaml            the resolved configuration (absolute paths, every key)
     posterior.safetensors  the fitted posterior, with the backbone and dataset as provenance
     metrics.json           metrics of the DPMM and of the memory-bank baseline, timings,
-                           counts, package versions
-    scores.csv             per test image: path, label, defect, DPMM score, bank score
+                           counts, fingerprints of the images, image scores of the normal
+                           validation images, package versions
+    scores.csv             per test image: path, label, defect, DPMM score, bank score,
+                           backbone
     figures/*.png          anomaly maps, component assignments, ROC curves, weights,
                            number of components, inference trace
 
@@ -15,15 +17,15 @@ dataset has no validation split, a seeded fraction (``data.holdout_fraction``) o
 normal training images is held out of the fit and of the memory bank for that, and
 ``metrics.json`` records it under ``threshold_images``.
 
-:func:`fit_from_config` runs only the features and the fit, :func:`evaluate_run`
-recomputes the metrics of a saved run, and :func:`score_images` scores new images with
-a saved posterior.
+:func:`fit_from_config` runs only the features and the fit. Saved runs are reloaded,
+re-evaluated and used to score new images by :mod:`.saved_runs`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -66,7 +68,7 @@ METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.csv"
 FIGURES_DIR = "figures"
 METHODS = ("dpmm", "memory_bank")
-# Metrics that evaluate() returns and that evaluate_run() must reproduce.
+# Metrics that evaluate() returns and that a re-evaluation of a saved run must reproduce.
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro")
 # Packages whose versions metrics.json records.
 VERSIONED_PACKAGES = ("dinodpmm", "torch", "pyro-ppl", "timm", "numpy")
@@ -105,6 +107,11 @@ class PreparedData:
     threshold_source: str
     test: list[Sample]
 
+    def fingerprints(self) -> dict[str, str]:
+        """Return a fingerprint of the images of each role, see :func:`split_fingerprint`."""
+        return {role: split_fingerprint(getattr(self, role), self.dataset.root)
+                for role in ("train", "threshold", "test")}
+
     def counts(self) -> dict[str, int]:
         """Return the number of images in each role."""
         test_anomalous = sum(sample.label for sample in self.test)
@@ -115,6 +122,26 @@ class PreparedData:
             "test_normal_images": len(self.test) - test_anomalous,
             "test_anomalous_images": test_anomalous,
         }
+
+
+def split_fingerprint(samples: Sequence[Sample], root: Path) -> str:
+    """Return a SHA-256 hex digest of the images, masks, labels and file sizes of ``samples``.
+
+    Paths enter relative to ``root``, so a dataset moved as a whole keeps its
+    fingerprint; a file added, removed, relabelled or rewritten with another size
+    changes it. File contents are not read, so an edit that keeps the size goes unseen.
+    """
+    digest = hashlib.sha256()
+    for sample in samples:
+        for path in (sample.image, sample.mask):
+            if path is None:
+                digest.update(b"-\n")
+                continue
+            name = path.relative_to(root) if path.is_relative_to(root) else path
+            size = path.stat().st_size if path.exists() else -1
+            digest.update(f"{name.as_posix()}\t{size}\n".encode())
+        digest.update(f"{sample.label}\n".encode())
+    return digest.hexdigest()
 
 
 def _subsample(samples: Sequence[Sample], size: int | None, rng: np.random.Generator) -> list[Sample]:
@@ -209,7 +236,8 @@ def backbone_from_config(config: Config) -> Backbone:
     )
 
 
-def _embed(backbone: Backbone, samples: list[Sample], config: Config, role: str, progress: bool) -> SplitEmbeddings:
+def embed_role(backbone: Backbone, samples: list[Sample], config: Config, role: str, progress: bool) -> SplitEmbeddings:
+    """Embed the images of one role (train, threshold or test) through the config's cache."""
     cache = EmbeddingCache(config.cache.dir, dtype=config.cache.dtype)
     return embed_split(backbone, samples, cache, batch_size=config.backbone.batch_size, progress=progress,
                        description=role)
@@ -242,8 +270,9 @@ class FitResult:
         The backbone that embedded the images.
     data : PreparedData
         The images of the run.
-    train : SplitEmbeddings
-        Patch embeddings of the training images, shape (num_patches, dim).
+    train : SplitEmbeddings or None
+        Patch embeddings of the training images, shape (num_patches, dim); None when a
+        saved run is re-evaluated without the memory bank, the only stage that reads them.
     timings : dict of str to float
         Seconds per stage.
     """
@@ -252,7 +281,7 @@ class FitResult:
     posterior: Posterior
     backbone: Backbone
     data: PreparedData
-    train: SplitEmbeddings
+    train: SplitEmbeddings | None
     timings: dict[str, float]
 
 
@@ -268,7 +297,7 @@ def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progre
         data = prepare_data(config)
     logger.info("%s", data.dataset.summary())
     with _timed(timings, "embed_train"):
-        train = _embed(backbone, data.train, config, "train", progress)
+        train = embed_role(backbone, data.train, config, "train", progress)
     with _timed(timings, "fit"):
         posterior = _fit(train, config, backbone, progress)
     posterior.provenance.update(_provenance(backbone, data, train))
@@ -287,6 +316,7 @@ def _provenance(backbone: Backbone, data: PreparedData, train: SplitEmbeddings) 
         "layout": data.dataset.layout,
         "train_images": len(data.train),
         "train_patches": train.num_patches,
+        "train_fingerprint": split_fingerprint(data.train, data.dataset.root),
     }
 
 
@@ -368,13 +398,15 @@ class MethodResult:
 
     metrics: dict[str, float]
     image_scores: np.ndarray
+    normal_image_scores: np.ndarray
     patch_scores: list[np.ndarray]
     roc_pixels: tuple[np.ndarray, np.ndarray]
     seconds_per_image: float
 
 
-def _evaluate_method(scorer: Callable, test: SplitEmbeddings, threshold: SplitEmbeddings, data: PreparedData,
+def evaluate_method(scorer: Callable, test: SplitEmbeddings, threshold: SplitEmbeddings, data: PreparedData,
                      config: Config) -> MethodResult:
+    """Score the threshold and test images with ``scorer`` and compute every metric."""
     normal_scores, _ = _score_images(scorer, threshold)
     test_scores, seconds = _score_images(scorer, test)
     image_scores = np.array([image_score(s, config.score.top_fraction) for s in test_scores])
@@ -399,21 +431,27 @@ def _evaluate_method(scorer: Callable, test: SplitEmbeddings, threshold: SplitEm
     metrics = evaluate(image_scores, test.labels, pixels, np.concatenate(normal_scores),
                        fprs=config.eval.fprs, max_fpr=config.eval.max_fpr)
     roc_pixels = (np.concatenate(sampled_masks), np.concatenate(sampled_maps))
-    return MethodResult(metrics, image_scores, test_scores, roc_pixels, seconds / max(test.num_images, 1))
+    normal_image_scores = np.array([image_score(s, config.score.top_fraction) for s in normal_scores])
+    return MethodResult(metrics, image_scores, normal_image_scores, test_scores, roc_pixels,
+                        seconds / max(test.num_images, 1))
 
 
-def _evaluate_all(fitted: FitResult, timings: dict[str, float], progress: bool) -> tuple[dict, SplitEmbeddings]:
+def evaluate_methods(fitted: FitResult, timings: dict[str, float], progress: bool) -> tuple[dict, SplitEmbeddings]:
+    """Score the threshold and test images with the DPMM (and the memory bank) and compute the metrics.
+
+    Returns the :class:`MethodResult` of each method and the test embeddings.
+    """
     config, data = fitted.config, fitted.data
     with _timed(timings, "embed_threshold"):
-        threshold = _embed(fitted.backbone, data.threshold, config, "threshold", progress)
+        threshold = embed_role(fitted.backbone, data.threshold, config, "threshold", progress)
     with _timed(timings, "embed_test"):
-        test = _embed(fitted.backbone, data.test, config, "test", progress)
+        test = embed_role(fitted.backbone, data.test, config, "test", progress)
     _check_dims(fitted.posterior, test)
     score = score_name(config, fitted.backbone)
     results = {}
     for method, scorer in _scorers(fitted, score, timings).items():
         with _timed(timings, f"evaluate_{method}"):
-            results[method] = _evaluate_method(scorer, test, threshold, data, config)
+            results[method] = evaluate_method(scorer, test, threshold, data, config)
         timings[f"{method}_scoring_s_per_image"] = results[method].seconds_per_image
     return results, test
 
@@ -438,12 +476,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _finite_or_none(value: Any) -> Any:
+def finite_or_none(value: Any) -> Any:
     """Map NaN to None so metrics.json stays standard JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (np.floating, np.integer)):
-        return _finite_or_none(value.item())
+        return finite_or_none(value.item())
     return value
 
 
@@ -456,7 +494,7 @@ def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timin
             "all %d components are occupied in some posterior draws, so the truncation bounds the "
             "number of components; raise fit.truncation", posterior.truncation,
         )
-    document = {method: {k: _finite_or_none(v) for k, v in result.metrics.items()}
+    document = {method: {k: finite_or_none(v) for k, v in result.metrics.items()}
                 for method, result in results.items()}
     document.update(
         backbone=fitted.backbone.describe(),
@@ -467,6 +505,10 @@ def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timin
         memory_bank_patches=_bank_size(fitted),
         threshold_images=fitted.data.threshold_source,
         counts={**fitted.data.counts(), "train_patches": fitted.train.num_patches},
+        data_fingerprints=fitted.data.fingerprints(),
+        # Image scores of the normal validation images: `dinodpmm score` places new
+        # images among them and derives its threshold from them.
+        normal_image_scores={method: result.normal_image_scores.tolist() for method, result in results.items()},
         posterior=posterior.describe(),
         num_components={"mean": count.mean, "interval_94": list(count.interval(0.94)),
                         "num_points": count.num_points, "truncation": posterior.truncation,
@@ -484,13 +526,15 @@ def _bank_size(fitted: FitResult) -> int | None:
     return fitted.train.num_patches if limit is None else min(limit, fitted.train.num_patches)
 
 
-def _write_scores_csv(path: Path, samples: Sequence[Sample], results: dict[str, MethodResult]) -> None:
+def _write_scores_csv(path: Path, samples: Sequence[Sample], results: dict[str, MethodResult],
+                      backbone: Backbone) -> None:
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "defect", "dpmm_score", "memory_bank_score"])
+        writer.writerow(["path", "label", "defect", "dpmm_score", "memory_bank_score", "backbone"])
         for i, sample in enumerate(samples):
             bank = results["memory_bank"].image_scores[i] if "memory_bank" in results else ""
-            writer.writerow([str(sample.image), sample.label, sample.defect, results["dpmm"].image_scores[i], bank])
+            writer.writerow([str(sample.image), sample.label, sample.defect, results["dpmm"].image_scores[i], bank,
+                             backbone.name])
 
 
 def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = False) -> dict[str, Any]:
@@ -504,8 +548,8 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = Fals
     out_dir = Path(out_dir)
     fitted = fit_from_config(config, out_dir, progress=progress)
     timings = fitted.timings
-    results, test = _evaluate_all(fitted, timings, progress)
-    _write_scores_csv(out_dir / SCORES_FILE, fitted.data.test, results)
+    results, test = evaluate_methods(fitted, timings, progress)
+    _write_scores_csv(out_dir / SCORES_FILE, fitted.data.test, results, fitted.backbone)
     if fitted.config.plots.enabled:
         with _timed(timings, "figures"):
             write_figures(fitted, results, test, out_dir / FIGURES_DIR)
@@ -513,134 +557,6 @@ def run_experiment(config: Config, out_dir: str | Path, *, progress: bool = Fals
     (out_dir / METRICS_FILE).write_text(json.dumps(document, indent=2), encoding="utf-8")
     logger.info("run directory: %s", out_dir)
     return document
-
-
-# -- saved runs ----------------------------------------------------------------------------------------------
-
-
-def _open_run(run_dir: str | Path) -> tuple[Path, Config]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"run directory {run_dir} not found; pass a directory written by `dinodpmm run` or `dinodpmm fit`.")
-    for name in (CONFIG_FILE, POSTERIOR_FILE):
-        if not (run_dir / name).is_file():
-            raise RunError(f"run directory {run_dir} has no {name}; pass a directory written by "
-                           "`dinodpmm run` or `dinodpmm fit`.")
-    return run_dir, load_config(run_dir / CONFIG_FILE)
-
-
-def load_run(run_dir: str | Path) -> tuple[Config, Posterior, Backbone]:
-    """Read the configuration and posterior of a run and load its backbone.
-
-    Raises
-    ------
-    RunError
-        If the directory or its files are missing, or the posterior's embedding
-        dimension differs from the backbone's.
-    """
-    run_dir, config = _open_run(run_dir)
-    backbone = backbone_from_config(config)
-    try:
-        posterior = Posterior.load(run_dir / POSTERIOR_FILE, expected_dim=backbone.dim)
-    except ValueError as error:
-        raise RunError(str(error)) from None
-    return config, posterior, backbone
-
-
-def evaluate_run(run_dir: str | Path, *, progress: bool = False) -> dict[str, dict[str, Any]]:
-    """Recompute the metrics of a saved run from its posterior and configuration.
-
-    The embeddings come from the cache (or are recomputed), and the image subsamples
-    and the memory-bank subsample are drawn again from the same seeds, so the values
-    match those in the run's ``metrics.json``.
-
-    Returns
-    -------
-    dict
-        ``{"dpmm": metrics, "memory_bank": metrics}`` (the bank only when the run has one).
-    """
-    config, posterior, backbone = load_run(run_dir)
-    timings: dict[str, float] = {}
-    data = prepare_data(config)
-    train = _embed(backbone, data.train, config, "train", progress)
-    fitted = FitResult(config, posterior, backbone, data, train, timings)
-    results, _ = _evaluate_all(fitted, timings, progress)
-    return {method: {k: _finite_or_none(v) for k, v in result.metrics.items()} for method, result in results.items()}
-
-
-def _image_files(paths: Sequence[str | Path], exclude: Path | None = None) -> list[Path]:
-    """List the image files among ``paths`` and in their folders, skipping anything under ``exclude``."""
-    files = []
-    excluded = exclude.resolve() if exclude is not None else None
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and is_image_file(p) and (excluded is None or excluded not in p.resolve().parents)
-            )
-            if not found:
-                raise RunError(f"folder {path} contains no image files; pass image files or a folder of images.")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise RunError(f"image or folder {path} not found; pass existing image files or folders.")
-    return files
-
-
-def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str | Path) -> list[dict[str, Any]]:
-    """Score new images with a saved run's posterior and write overlays and a CSV to ``out_dir``.
-
-    Parameters
-    ----------
-    run_dir : str or pathlib.Path
-        Directory written by ``dinodpmm run`` or ``dinodpmm fit``.
-    paths : sequence of str or pathlib.Path
-        Image files, or folders searched recursively for images.
-    out_dir : str or pathlib.Path
-        Receives ``scores.csv`` (path, score, max patch score, overlay file) and one
-        ``<stem>_overlay.png`` per image.
-
-    Returns
-    -------
-    list of dict
-        The CSV rows.
-    """
-    config, posterior, backbone = load_run(run_dir)
-    score = score_name(config, backbone)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    footer = plots.backbone_label(backbone.describe())
-    rows = []
-    # Overlays written by an earlier call into a folder that is also an input are not inputs.
-    for index, path in enumerate(_image_files(paths, exclude=out_dir)):
-        image = load_image(path)
-        tokens, grid = backbone.embed([image])
-        scores = patch_scores(posterior, tokens[0], score, config.score.min_weight)
-        heat = anomaly_map(scores, grid, (image.height, image.width), config.score.sigma)
-        overlay = out_dir / f"{index:04d}_{path.stem}_overlay.png"
-        case = {"title": f"{path.name}: score {image_score(scores, config.score.top_fraction):.4g}",
-                "image": _grayscale(image), "mask": np.zeros(heat.shape, dtype=bool), "maps": {"dpmm": heat}}
-        plots.plot_overlays([case], overlay, footer)
-        rows.append({"path": str(path), "score": image_score(scores, config.score.top_fraction),
-                     "max_patch_score": float(scores.max()), "overlay": overlay.name})
-    _write_rows(out_dir / SCORES_FILE, rows)
-    return rows
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _grayscale(image) -> np.ndarray:
-    """Return an image as float (height, width) in [0, 1] for display, whatever its mode and bit depth."""
-    array = np.asarray(image.convert("F") if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") else image.convert("L"),
-                       dtype=np.float64)
-    low, high = np.percentile(array, [0.5, 99.5])
-    return np.clip((array - low) / max(high - low, 1e-12), 0.0, 1.0)
 
 
 # -- figures --------------------------------------------------------------------------------------------------
@@ -677,7 +593,7 @@ def _overlay_cases(fitted: FitResult, results: dict[str, MethodResult], test: Sp
         maps = {method: anomaly_map(result.patch_scores[i], test.grid(i), mask.shape, fitted.config.score.sigma)
                 for method, result in results.items()}
         cases.append({"title": f"{title}\n{sample.image.name}, DPMM score {scores[i]:.3g}",
-                      "image": _grayscale(load_image(sample.image)), "mask": mask, "maps": maps})
+                      "image": plots.grayscale(load_image(sample.image)), "mask": mask, "maps": maps})
     return cases
 
 
@@ -719,7 +635,7 @@ def _assignment_cases(fitted: FitResult, test: SplitEmbeddings) -> list[dict]:
         nearest = nearest_components(fitted.posterior, test.image_patches(i), score, fitted.config.score.min_weight)
         sample = fitted.data.test[int(i)]
         cases.append({"title": f"{sample.image.name} ({'anomalous' if sample.label else 'normal'})",
-                      "image": _grayscale(load_image(sample.image)), "mask": load_mask(sample),
+                      "image": plots.grayscale(load_image(sample.image)), "mask": load_mask(sample),
                       "assignment": rank[nearest].reshape(test.grid(i))})
     return cases
 
@@ -739,10 +655,7 @@ __all__ = [
     "FitResult",
     "PreparedData",
     "RunError",
-    "evaluate_run",
     "fit_from_config",
-    "load_run",
     "prepare_data",
     "run_experiment",
-    "score_images",
 ]

@@ -1,37 +1,39 @@
-"""Backbones, preprocessing, dataset layouts and the on-disk embedding cache."""
+"""Backbones, preprocessing, dataset layouts and the on-disk embedding cache.
 
-from .backbones import DinoV2Backbone, available_backbones, load_backbone
-from .base import Backbone
-from .cache import CacheInfo, EmbeddingCache, default_cache_root
-from .checkpoints import CheckpointError, WeightsNotFoundError
-from .datasets import LAYOUTS, Dataset, Sample, Split, detect_layout, load_mask, open_dataset
-from .extract import IndexRecord, SplitEmbeddings, embed_split
-from .offline import OfflineBackbone
-from .preprocess import ImageReadError, grid_shape, load_image, preprocess
+The names below load their modules on first access, so that the ``dinodpmm`` command
+builds its parser without importing torch and timm.
+"""
 
-__all__ = [
-    "LAYOUTS",
-    "Backbone",
-    "CacheInfo",
-    "CheckpointError",
-    "Dataset",
-    "DinoV2Backbone",
-    "EmbeddingCache",
-    "ImageReadError",
-    "IndexRecord",
-    "OfflineBackbone",
-    "Sample",
-    "Split",
-    "SplitEmbeddings",
-    "WeightsNotFoundError",
-    "available_backbones",
-    "default_cache_root",
-    "detect_layout",
-    "embed_split",
-    "grid_shape",
-    "load_backbone",
-    "load_image",
-    "load_mask",
-    "open_dataset",
-    "preprocess",
-]
+from .._lazy import lazy_exports
+
+# Public name -> module (relative to this package) that defines it.
+_EXPORTS = {
+    "DinoV2Backbone": ".backbones",
+    "available_backbones": ".backbones",
+    "load_backbone": ".backbones",
+    "Backbone": ".base",
+    "CacheInfo": ".cache",
+    "EmbeddingCache": ".cache",
+    "default_cache_root": ".cache",
+    "CheckpointError": ".checkpoints",
+    "WeightsNotFoundError": ".checkpoints",
+    "LAYOUTS": ".datasets",
+    "Dataset": ".datasets",
+    "Sample": ".datasets",
+    "Split": ".datasets",
+    "detect_layout": ".datasets",
+    "load_mask": ".datasets",
+    "open_dataset": ".datasets",
+    "IndexRecord": ".extract",
+    "SplitEmbeddings": ".extract",
+    "embed_split": ".extract",
+    "OfflineBackbone": ".offline",
+    "ImageReadError": ".preprocess",
+    "grid_shape": ".preprocess",
+    "load_image": ".preprocess",
+    "preprocess": ".preprocess",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -226,14 +226,24 @@ class Posterior:
         return ComponentCount(occupied, num_points, source)
 
     def effective_components(self, mass: float = 0.99) -> int:
-        """Return the fewest components whose expected weights sum to at least ``mass``."""
+        """Return the fewest components whose weights sum to at least ``mass``.
+
+        Without sampler draws the count is taken on the expected weights. With draws
+        (Gibbs) it is the median of the per-draw counts: the expected weights pool the
+        final states of all chains, whose clusters duplicate each other, so counting
+        them would multiply the answer by about the number of chains.
+        """
         if not 0.0 < mass <= 1.0:
             raise ValueError(f"mass must lie in (0, 1], got {mass!r}.")
-        sorted_weights = torch.sort(self.weights.double(), descending=True).values
-        cumulative = torch.cumsum(sorted_weights, 0)
+        if self.draws is not None:
+            weights = self.draws["weights"].double()
+            weights = weights / weights.sum(-1, keepdim=True)
+        else:
+            weights = self.weights.double()[None]
+        cumulative = torch.cumsum(torch.sort(weights, dim=-1, descending=True).values, -1)
         # Tolerance for the rounding of the cumulative sum when mass = 1.
-        count = int(torch.searchsorted(cumulative, torch.tensor(mass - 1e-12, dtype=torch.float64))) + 1
-        return min(count, self.truncation)
+        counts = (cumulative < mass - 1e-12).sum(-1) + 1
+        return min(int(counts.median()), self.truncation)
 
     def inference_data(self, num_points: int | None = None, num_samples: int = 1000, *, seed: int = 0):
         """Return an ``arviz.InferenceData`` of the number of components, alpha and the sorted weights.
@@ -267,6 +277,9 @@ class Posterior:
         path = Path(path)
         temporary = path.with_name(path.name + ".tmp")
         save_file(tensors, str(temporary), metadata=metadata)
+        # safetensors creates the file readable by its owner only; posteriors are
+        # shared results, so they get the usual 0644.
+        temporary.chmod(0o644)
         temporary.replace(path)
 
     def _metadata(self) -> dict[str, Any]:

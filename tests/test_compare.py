@@ -1,5 +1,8 @@
 """Tests of the scikit-learn wrapper and the algorithm comparison."""
 
+import csv
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -95,6 +98,23 @@ def test_sklearn_posterior_fields():
     assert posterior.effective_components(0.99) == 3
 
 
+def test_sklearn_subsample():
+    data = torch.as_tensor(blobs(per_cluster=200))
+    posterior = fit_sklearn(data, truncation=6, subsample=150, seed=4)
+    assert posterior.settings["num_points"] == 150
+    assert posterior.settings["total_points"] == 600
+    assert posterior.settings["subsample"] == 150
+    # The fit saw the seeded rows only: refitting scikit-learn on them gives the same means.
+    rows = np.sort(np.random.default_rng(4).choice(600, size=150, replace=False))
+    model = BayesianGaussianMixture(
+        n_components=6, covariance_type="diag", weight_concentration_prior_type="dirichlet_process",
+        max_iter=500, random_state=4,
+    ).fit(data.numpy()[rows])
+    np.testing.assert_allclose(posterior.params["loc"].numpy(), model.means_)
+    with pytest.raises(ValueError, match="subsample must be None or an integer of at least 2, got 1"):
+        fit_sklearn(data, subsample=1)
+
+
 def test_sklearn_rejects_covariance():
     with pytest.raises(ValueError, match="covariance must be 'diag' or 'full' for fit_sklearn, got 'spherical'"):
         fit_sklearn(blobs(), covariance="spherical")
@@ -134,3 +154,44 @@ def test_plot_comparison_mean_below_interval(tmp_path):
            "num_components_low": 10, "num_components_high": 10, "effective_components": 9, "wall_time_s": 0.1}
     path = plot_comparison([row], tmp_path / "comparison.png")
     assert path.is_file()
+
+
+def test_cli_algorithm_names_match():
+    from dinodpmm.experiments.compare import ALGORITHMS
+    from dinodpmm.experiments.diagnostics_cli import COMPARE_ALGORITHMS
+
+    assert COMPARE_ALGORITHMS == ALGORITHMS
+
+
+def test_compare_command_on_brain_mri(lgg_root, tmp_path, capsys):
+    from dinodpmm.experiments.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lgg_flair.yaml"
+    out = tmp_path / "compare"
+    overrides = [
+        f"data.root={lgg_root}", f"cache.dir={tmp_path / 'cache'}", "data.max_train_images=12",
+        "data.max_valid_images=4", "data.max_test_images=6", "fit.truncation=6", "fit.num_steps=20",
+        "fit.gibbs.num_chains=2", "fit.gibbs.num_sweeps=6", "fit.gibbs.burn_in=2", "fit.gibbs.subsample=300",
+        "fit.online_em.num_epochs=2", "fit.sklearn.subsample=500", "fit.sklearn.max_iter=30",
+    ]
+    # Overrides written after the algorithm list are recognised as overrides too.
+    status = main(["compare", str(config), overrides[0], "--algorithms", "svi", "gibbs", "online-em", "sklearn",
+                   *overrides[1:], "--out", str(out)])
+    assert status == 0
+    with (out / "comparison.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["algorithm"] for row in rows] == ["svi", "gibbs", "online-em", "sklearn"]
+    for row in rows:
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0, row["algorithm"]
+        assert 0.0 <= float(row["pixel_auroc"]) <= 1.0, row["algorithm"]
+    assert (out / "comparison.png").stat().st_size > 0
+    assert "| svi |" in (out / "comparison.md").read_text()
+
+
+def test_compare_command_rejects_algorithm(tmp_path, capsys):
+    from dinodpmm.experiments.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lgg_flair.yaml"
+    status = main(["compare", str(config), "--algorithms", "svi", "vbem", "--out", str(tmp_path)])
+    assert status == 2
+    assert "--algorithms takes names from svi, gibbs, online-em, sklearn, got svi vbem" in capsys.readouterr().err

@@ -301,6 +301,16 @@ def test_separated_clusters_converge():
     assert float(arviz.rhat(kept_counts)) < 1.01
 
 
+def test_effective_components_per_chain():
+    # Four chains each settle on the three clusters; the pooled weights hold twelve
+    # clusters of about 1/12, while each draw needs three for 99% of its mass.
+    points, _ = separated_data()
+    posterior = fit_gibbs(points, num_chains=4, num_sweeps=40, burn_in=20, seed=1, progress=False)
+    pooled = torch.sort(posterior.weights, descending=True).values
+    assert torch.cumsum(pooled, 0)[2] < 0.5
+    assert posterior.effective_components(0.99) == 3
+
+
 @pytest.fixture(scope="module")
 def small_posterior():
     points, _ = separated_data(num_points=120, seed=2)

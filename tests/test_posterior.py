@@ -160,3 +160,9 @@ def test_inference_data_method_has_component_counts():
     idata = make_posterior().inference_data(num_points=50, num_samples=20)
     assert "num_components" in idata.posterior
     assert idata.posterior["num_components"].shape == (1, 20)
+
+
+def test_save_file_is_world_readable(tmp_path):
+    path = tmp_path / "posterior.safetensors"
+    make_posterior().save(path)
+    assert path.stat().st_mode & 0o777 == 0o644

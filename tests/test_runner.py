@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ from dinodpmm.experiments.demo import run_demo
 from dinodpmm.experiments.runner import (
     METRIC_KEYS,
     _stratified_subsample,
-    evaluate_run,
     prepare_data,
     run_experiment,
+    split_fingerprint,
 )
+from dinodpmm.experiments.saved_runs import NormalReference, evaluate_run
 from dinodpmm.features import Sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,14 +110,47 @@ def test_run_scores_csv_matches_split(lgg_run):
     assert {row["label"] for row in rows} == {"0", "1"}
     assert all(math.isfinite(float(row["dpmm_score"])) for row in rows)
     assert all(math.isfinite(float(row["memory_bank_score"])) for row in rows)
+    assert {row["backbone"] for row in rows} == {"offline"}
 
 
-def test_evaluate_reproduces_metrics(lgg_run, capsys):
-    recomputed = evaluate_run(lgg_run)
+def test_run_records_normal_scores(lgg_run):
+    metrics = _metrics(lgg_run)
+    for method in ("dpmm", "memory_bank"):
+        assert len(metrics["normal_image_scores"][method]) == metrics["counts"]["threshold_images"], method
+    assert set(metrics["data_fingerprints"]) == {"train", "threshold", "test"}
+    assert metrics["posterior"]["provenance"]["train_fingerprint"] == metrics["data_fingerprints"]["train"]
+
+
+def test_evaluate_reproduces_metrics(lgg_run):
+    before = (lgg_run / "metrics.json").read_bytes()
+    recomputed = evaluate_run(lgg_run, memory_bank=True)
     saved = _metrics(lgg_run)
     for method in ("dpmm", "memory_bank"):
         for key, value in saved[method].items():
             assert recomputed[method][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (method, key)
+    for method in ("dpmm", "memory_bank"):
+        assert recomputed["normal_image_scores"][method] == pytest.approx(saved["normal_image_scores"][method], rel=1e-9)
+    assert recomputed["changed_splits"] == []
+    assert json.loads((lgg_run / "evaluation.json").read_text()) == json.loads(json.dumps(recomputed))
+    assert (lgg_run / "metrics.json").read_bytes() == before
+
+
+def test_evaluate_skips_bank_by_default(lgg_run):
+    recomputed = evaluate_run(lgg_run)
+    assert "memory_bank" not in recomputed
+    assert "build_memory_bank" not in recomputed["timings_s"]
+    assert recomputed["dpmm"]["image_auroc"] == pytest.approx(_metrics(lgg_run)["dpmm"]["image_auroc"], rel=1e-12)
+
+
+def test_evaluate_reports_changed_split(lgg_run, tmp_path, caplog):
+    run_copy = tmp_path / "run"
+    shutil.copytree(lgg_run, run_copy)
+    metrics = _metrics(run_copy)
+    metrics["data_fingerprints"]["test"] = "0" * 64
+    (run_copy / "metrics.json").write_text(json.dumps(metrics))
+    recomputed = evaluate_run(run_copy)
+    assert recomputed["changed_splits"] == ["test"]
+    assert "the test images under" in caplog.text
 
 
 def test_evaluate_command_prints_table(lgg_run, capsys):
@@ -123,6 +158,8 @@ def test_evaluate_command_prints_table(lgg_run, capsys):
     output = capsys.readouterr().out
     image_auroc = _metrics(lgg_run)["dpmm"]["image_auroc"]
     assert f"{image_auroc:.4f}" in output
+    assert "backbone: offline" in output
+    assert f"wrote {lgg_run / 'evaluation.json'}" in output
 
 
 def test_score_command_two_images(lgg_run, tmp_path, capsys):
@@ -134,7 +171,62 @@ def test_score_command_two_images(lgg_run, tmp_path, capsys):
     assert [row["path"] for row in rows] == [str(path) for path in images]
     assert all(float(row["score"]) <= float(row["max_patch_score"]) for row in rows)
     assert len(list(out.glob("*_overlay.png"))) == 2
-    assert "scored 2 images" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "scored 2 images" in output
+    assert "backbone offline" in output
+    reference = NormalReference(np.array(_metrics(lgg_run)["normal_image_scores"]["dpmm"]), "metrics.json")
+    threshold = reference.threshold(0.05)
+    for row in rows:
+        assert float(row["threshold"]) == pytest.approx(threshold, rel=1e-12)
+        assert row["above_threshold"] == str(float(row["score"]) > threshold)
+        assert float(row["normal_percentile"]) == pytest.approx(reference.percentile(float(row["score"])))
+        assert row["backbone"] == "offline"
+    assert f"threshold {threshold:.6g}" in output
+
+
+def test_score_without_normal_scores(lgg_run, tmp_path, capsys):
+    # A run made by `dinodpmm fit` has no metrics.json and so no threshold.
+    run_copy = tmp_path / "fit_only"
+    run_copy.mkdir()
+    for name in ("config.yaml", "posterior.safetensors"):
+        shutil.copy(lgg_run / name, run_copy / name)
+    image = sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0]
+    assert main(["score", str(run_copy), str(image), "--out", str(tmp_path / "scored")]) == 0
+    assert "no threshold" in capsys.readouterr().out
+    with (tmp_path / "scored" / "scores.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    assert row["threshold"] == ""
+    assert row["above_threshold"] == ""
+
+
+def test_score_rejects_fpr(lgg_run, tmp_path, capsys):
+    image = sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0]
+    status = main(["score", str(lgg_run), str(image), "--out", str(tmp_path / "scored"), "--fpr", "1.5"])
+    assert status == 2
+    assert "--fpr must lie in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_normal_reference_threshold():
+    reference = NormalReference(np.arange(1.0, 101.0), "metrics.json")
+    threshold = reference.threshold(0.05)
+    assert np.sum(reference.scores > threshold) == 5
+    assert reference.percentile(50.5) == pytest.approx(50.0)
+
+
+def test_split_fingerprint_changes(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        (root / name).write_bytes(b"12345")
+    samples = [Sample(root / "a.png", None, 0, "good"), Sample(root / "b.png", None, 1, "bad")]
+    base = split_fingerprint(samples, root)
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    assert split_fingerprint([Sample(moved / s.image.name, None, s.label, s.defect) for s in samples], moved) == base
+    assert split_fingerprint(samples[:1], root) != base
+    assert split_fingerprint([samples[0], Sample(root / "b.png", None, 0, "good")], root) != base
+    (root / "b.png").write_bytes(b"123456")
+    assert split_fingerprint(samples, root) != base
 
 
 def _sample(label: int, i: int) -> Sample:

@@ -1,0 +1,293 @@
+"""Saved run directories: reload a run, recompute its metrics, score new images.
+
+A run directory comes from ``dinodpmm run`` (``config.yaml``, ``posterior.safetensors``,
+``metrics.json``, ``scores.csv``, ``figures/``) or from ``dinodpmm fit`` (the first two
+only). :func:`evaluate_run` writes ``evaluation.json`` beside them and leaves the files
+of the run as they are; :func:`score_images` writes into a folder of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..features import Backbone, load_image
+from ..features.datasets import is_image_file
+from ..inference import Posterior
+from . import plots
+from .config import Config, load_config
+from .runner import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    POSTERIOR_FILE,
+    SCORES_FILE,
+    FitResult,
+    RunError,
+    backbone_from_config,
+    embed_role,
+    evaluate_methods,
+    finite_or_none,
+    prepare_data,
+    score_name,
+    split_fingerprint,
+)
+from .scoring import anomaly_map, image_score, patch_scores
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_FILE = "evaluation.json"
+# False-positive rate on the normal validation images that sets the threshold of `score`.
+DEFAULT_SCORE_FPR = 0.05
+
+
+def _open_run(run_dir: str | Path) -> tuple[Path, Config]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"run directory {run_dir} not found; pass a directory written by `dinodpmm run` or `dinodpmm fit`.")
+    for name in (CONFIG_FILE, POSTERIOR_FILE):
+        if not (run_dir / name).is_file():
+            raise RunError(f"run directory {run_dir} has no {name}; pass a directory written by "
+                           "`dinodpmm run` or `dinodpmm fit`.")
+    return run_dir, load_config(run_dir / CONFIG_FILE)
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, Posterior, Backbone]:
+    """Read the configuration and posterior of a run and load its backbone.
+
+    Raises
+    ------
+    RunError
+        If the directory or its files are missing, or the posterior's embedding
+        dimension differs from the backbone's.
+    """
+    run_dir, config = _open_run(run_dir)
+    backbone = backbone_from_config(config)
+    try:
+        posterior = Posterior.load(run_dir / POSTERIOR_FILE, expected_dim=backbone.dim)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    return config, posterior, backbone
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(f"{path} is not valid JSON ({error}); rerun `dinodpmm run` to rewrite it.") from None
+
+
+# -- evaluate ----------------------------------------------------------------------------------------
+
+
+def evaluate_run(run_dir: str | Path, *, memory_bank: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Recompute the metrics of a saved run and write them to ``RUN_DIR/evaluation.json``.
+
+    The embeddings come from the cache (or are recomputed), and the image subsamples
+    and the memory-bank subsample are drawn again from the same seeds, so on unchanged
+    data the values match those in the run's ``metrics.json``.
+
+    Parameters
+    ----------
+    run_dir : str or pathlib.Path
+        Directory written by ``dinodpmm run`` or ``dinodpmm fit``.
+    memory_bank : bool
+        Score the memory-bank baseline too (when the run's config enables it). Exact
+        nearest-neighbour search over the bank costs minutes per hundred images.
+    progress : bool
+        Show progress bars.
+
+    Returns
+    -------
+    dict
+        The content of ``evaluation.json``: the metrics of ``"dpmm"`` (and
+        ``"memory_bank"``), ``backbone``, ``algorithm``, ``score``, ``counts``,
+        ``data_fingerprints``, ``changed_splits`` (roles whose images differ from those
+        the run recorded), ``normal_image_scores`` and ``timings_s``.
+    """
+    run_dir, _ = _open_run(run_dir)
+    config, posterior, backbone = load_run(run_dir)
+    if not memory_bank:
+        config = dataclasses.replace(config, baseline=dataclasses.replace(config.baseline, memory_bank=False))
+    timings: dict[str, float] = {}
+    data = prepare_data(config)
+    changed = _changed_splits(run_dir, posterior, data)
+    # Only the memory bank needs the training patches.
+    train = embed_role(backbone, data.train, config, "train", progress) if config.baseline.memory_bank else None
+    fitted = FitResult(config, posterior, backbone, data, train, timings)
+    results, _ = evaluate_methods(fitted, timings, progress)
+    document = {method: {k: finite_or_none(v) for k, v in result.metrics.items()} for method, result in results.items()}
+    document.update(
+        backbone=backbone.describe(),
+        algorithm=posterior.algorithm,
+        score=score_name(config, backbone),
+        counts=data.counts(),
+        data_fingerprints=data.fingerprints(),
+        changed_splits=changed,
+        normal_image_scores={method: result.normal_image_scores.tolist() for method, result in results.items()},
+        timings_s=timings,
+    )
+    (run_dir / EVALUATION_FILE).write_text(json.dumps(document, indent=2), encoding="utf-8")
+    return document
+
+
+def _changed_splits(run_dir: Path, posterior: Posterior, data) -> list[str]:
+    """Return the roles whose images differ from the fingerprints the run recorded, with a warning for each."""
+    recorded = dict((_read_json(run_dir / METRICS_FILE) or {}).get("data_fingerprints", {}))
+    if "train_fingerprint" in posterior.provenance:
+        recorded["train"] = posterior.provenance["train_fingerprint"]
+    changed = []
+    for role, samples in (("train", data.train), ("threshold", data.threshold), ("test", data.test)):
+        if role in recorded and recorded[role] != split_fingerprint(samples, data.dataset.root):
+            changed.append(role)
+            logger.warning(
+                "the %s images under %s differ from those of the run (files added, removed, relabelled "
+                "or resized), so the metrics can differ from the run's %s", role, data.dataset.root,
+                "posterior" if role == "train" else METRICS_FILE,
+            )
+    return changed
+
+
+# -- score ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class NormalReference:
+    """Image scores of a run's normal validation images, the reference for new scores.
+
+    Attributes
+    ----------
+    scores : np.ndarray of shape (num_images,)
+        DPMM image scores of the normal validation images.
+    source : str
+        File the scores come from.
+    """
+
+    scores: np.ndarray
+    source: str
+
+    def threshold(self, fpr: float) -> float:
+        """Return the lowest recorded score that at most ``fpr`` of the normal images exceed."""
+        # The tolerance keeps products such as 0.29 * 100 = 28.999999999999996 at 29.
+        allowed_above = int(np.floor(fpr * len(self.scores) + 1e-9))
+        return float(np.sort(self.scores)[len(self.scores) - allowed_above - 1])
+
+    def percentile(self, score: float) -> float:
+        """Return the percentage of normal images that score below ``score``."""
+        return 100.0 * float(np.mean(self.scores < score))
+
+
+def normal_reference(run_dir: str | Path) -> NormalReference | None:
+    """Return the normal validation image scores of a run, or None when it has none.
+
+    ``metrics.json`` (written by ``dinodpmm run``) takes precedence over
+    ``evaluation.json`` (written by ``dinodpmm evaluate``, for runs made with ``fit``).
+    """
+    run_dir = Path(run_dir)
+    for name in (METRICS_FILE, EVALUATION_FILE):
+        document = _read_json(run_dir / name)
+        scores = (document or {}).get("normal_image_scores", {}).get("dpmm")
+        if scores:
+            return NormalReference(np.asarray(scores, dtype=np.float64), name)
+    return None
+
+
+def _image_files(paths: Sequence[str | Path], exclude: Path | None = None) -> list[Path]:
+    """List the image files among ``paths`` and in their folders, skipping anything under ``exclude``."""
+    files = []
+    excluded = exclude.resolve() if exclude is not None else None
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and is_image_file(p) and (excluded is None or excluded not in p.resolve().parents)
+            )
+            if not found:
+                raise RunError(f"folder {path} contains no image files; pass image files or a folder of images.")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise RunError(f"image or folder {path} not found; pass existing image files or folders.")
+    return files
+
+
+def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str | Path, *,
+                 fpr: float = DEFAULT_SCORE_FPR) -> list[dict[str, Any]]:
+    """Score new images with a saved run's posterior and write overlays and a CSV to ``out_dir``.
+
+    Parameters
+    ----------
+    run_dir : str or pathlib.Path
+        Directory written by ``dinodpmm run`` or ``dinodpmm fit``.
+    paths : sequence of str or pathlib.Path
+        Image files, or folders searched recursively for images.
+    out_dir : str or pathlib.Path
+        Receives ``scores.csv`` and one ``<index>_<stem>_overlay.png`` per image.
+    fpr : float
+        Fraction of the run's normal validation images allowed above the threshold.
+
+    Returns
+    -------
+    list of dict
+        The CSV rows: ``path``, ``score`` (the image score), ``threshold`` and
+        ``above_threshold`` (empty when the run has no normal validation scores, see
+        :func:`normal_reference`), ``normal_percentile`` (percentage of normal
+        validation images scoring lower), ``max_patch_score``, ``overlay`` and
+        ``backbone``.
+    """
+    if not 0.0 < fpr < 1.0:
+        raise RunError(f"fpr must lie in (0, 1), got {fpr!r}; pass for example 0.05.")
+    config, posterior, backbone = load_run(run_dir)
+    reference = normal_reference(run_dir)
+    threshold = None if reference is None else reference.threshold(fpr)
+    score = score_name(config, backbone)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    footer = plots.backbone_label(backbone.describe())
+    rows = []
+    # Overlays written by an earlier call into a folder that is also an input are not inputs.
+    for index, path in enumerate(_image_files(paths, exclude=out_dir)):
+        image = load_image(path)
+        tokens, grid = backbone.embed([image])
+        scores = patch_scores(posterior, tokens[0], score, config.score.min_weight)
+        value = image_score(scores, config.score.top_fraction)
+        heat = anomaly_map(scores, grid, (image.height, image.width), config.score.sigma)
+        overlay = out_dir / f"{index:04d}_{path.stem}_overlay.png"
+        case = {"title": f"{path.name}: score {value:.4g}", "image": plots.grayscale(image),
+                "mask": np.zeros(heat.shape, dtype=bool), "maps": {"dpmm": heat}}
+        plots.plot_overlays([case], overlay, footer)
+        rows.append({
+            "path": str(path), "score": value,
+            "threshold": "" if threshold is None else threshold,
+            "above_threshold": "" if threshold is None else bool(value > threshold),
+            "normal_percentile": "" if reference is None else reference.percentile(value),
+            "max_patch_score": float(scores.max()), "overlay": overlay.name, "backbone": backbone.name,
+        })
+    _write_rows(out_dir / SCORES_FILE, rows)
+    return rows
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+__all__ = [
+    "EVALUATION_FILE",
+    "NormalReference",
+    "evaluate_run",
+    "load_run",
+    "normal_reference",
+    "score_images",
+]
