@@ -4,8 +4,8 @@ A configuration is a tree of sections (``data``, ``backbone``, ``cache``, ``fit`
 ``score``, ``baseline``, ``eval``, ``plots``), each a dataclass whose fields carry
 their default and their constraint. :func:`load_config` reads a YAML file, applies
 ``key=value`` overrides such as ``fit.truncation=50`` and checks every value. Unknown
-keys and invalid values raise :class:`ConfigError`, whose message names the key, the
-value and the constraint.
+or repeated keys and invalid values raise :class:`ConfigError`, whose message names the
+key, the value and the constraint.
 
 Relative paths (``data.root``, ``backbone.weights``, ``cache.dir``) resolve against the
 current working directory, not against the configuration file, so the shipped configs
@@ -434,14 +434,16 @@ def _check_unique_keys(node: yaml.Node, prefix: str, source: str, visited: set[i
     # Keyed by tag and text, so that 1 and "1", an int and a str, stay different keys.
     first_lines: dict[tuple[str, str], int] = {}
     for key_node, value_node in node.value:
+        # A list or mapping as a key is never a valid config key, and the schema rejects it.
         key = key_node.value if isinstance(key_node, yaml.ScalarNode) else f"<{key_node.id}>"
-        line = key_node.start_mark.line + 1
-        if isinstance(key_node, yaml.ScalarNode) and (key_node.tag, key) in first_lines:
-            raise ConfigError(
-                f"{source} contains the key {prefix}{key} twice, at lines {first_lines[key_node.tag, key]} "
-                f"and {line}; keep one of them."
-            )
-        first_lines[key_node.tag, key] = line
+        if isinstance(key_node, yaml.ScalarNode):
+            line = key_node.start_mark.line + 1
+            if (key_node.tag, key) in first_lines:
+                raise ConfigError(
+                    f"{source} contains the key {prefix}{key} twice, at lines "
+                    f"{first_lines[key_node.tag, key]} and {line}; keep one of them."
+                )
+            first_lines[key_node.tag, key] = line
         _check_unique_keys(value_node, f"{prefix}{key}.", source, visited)
 
 
@@ -503,7 +505,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     FileNotFoundError
         If ``path`` does not exist.
     ConfigError
-        If a key is unknown or a value is invalid.
+        If a key is unknown or repeated, a value is invalid, or the file is not UTF-8
+        text or not valid YAML.
     """
     raw = read_yaml(path) if path is not None else {}
     return config_from_dict(apply_overrides(raw, overrides))

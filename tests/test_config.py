@@ -1,5 +1,6 @@
 """Tests of the experiment configuration: defaults, overrides, errors and the shipped configs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,58 @@ def test_invalid_yaml_raises(tmp_path):
     path.write_text("fit: [unclosed\n")
     with pytest.raises(ConfigError, match=r"is not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "data:\n  root: caf\xe9\n".encode("latin-1"),
+        "fit:\n  truncation: 5\n".encode("utf-16"),
+    ],
+    ids=["latin-1", "utf-16"],
+)
+def test_non_utf8_file_raises(tmp_path, content):
+    path = tmp_path / "encoded.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"config file {re.escape(str(path))} is not valid UTF-8 .*save it as UTF-8 YAML"):
+        load_config(path)
+
+
+def test_utf8_bom_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("fit:\n  truncation: 7\n".encode("utf-8-sig"))
+    assert load_config(path).fit.truncation == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("fit:\n  truncation: 5\nfit:\n  alpha: 2.0\n", "contains the key fit twice, at lines 1 and 3"),
+        ("fit:\n  truncation: 5\n  truncation: 6\n", "contains the key fit.truncation twice, at lines 2 and 3"),
+        ("fit:\n  gibbs:\n    thin: 1\n    thin: 2\n", "contains the key fit.gibbs.thin twice, at lines 3 and 4"),
+        ("fit: {alpha: 1.0, alpha: 2.0}\n", "contains the key fit.alpha twice, at lines 1 and 1"),
+    ],
+    ids=["section", "key", "nested", "flow"],
+)
+def test_duplicate_key_raises(tmp_path, text, message):
+    path = tmp_path / "duplicate.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"^config file {re.escape(str(path))} {message}; keep one of them\.$"):
+        load_config(path)
+
+
+def test_duplicate_key_in_override_raises():
+    with pytest.raises(ConfigError, match=r"override 'fit.alpha_prior=\{a: 1, a: 2\}' contains the key a twice"):
+        load_config(None, ["fit.alpha_prior={a: 1, a: 2}"])
+
+
+def test_same_key_in_two_sections_accepted(tmp_path):
+    path = tmp_path / "sections.yaml"
+    path.write_text("data:\n  seed: 3\nfit:\n  seed: 4\nbaseline:\n  seed: 5\n", encoding="utf-8")
+    config = load_config(path)
+    assert config.data.seed == 3
+    assert config.fit.seed == 4
+    assert config.baseline.seed == 5
 
 
 def test_file_values_then_overrides(tmp_path):
