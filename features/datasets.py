@@ -448,12 +448,36 @@ def open_dataset(
             f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}. "
             "Pass one of them, or None to detect it"
         )
+    try:
+        splits = _collect_splits(root, layout, train_dir, test_dir, mask_dir)
+    except (FileNotFoundError, ValueError) as error:
+        hint = _other_layout_hint(root, layout)
+        if not hint:
+            raise
+        raise type(error)(f"{error}. {hint}") from None
+    return Dataset(root, layout, splits)
+
+
+def _collect_splits(root: Path, layout: str, train_dir: str, test_dir: str, mask_dir: str) -> dict[str, Split]:
     splits = {}
     for spec in _split_specs(root, layout, train_dir, test_dir, mask_dir):
         split = _collect_split(root, layout, spec)
         if split is not None:
             splits[spec.name] = split
-    return Dataset(root, layout, splits)
+    return splits
+
+
+def _other_layout_hint(root: Path, layout: str) -> str:
+    """Return a sentence naming the layouts other than ``layout`` that the folders match, or ""."""
+    matches = [name for name, detect in _DETECTORS.items() if name != layout and detect(root)]
+    if not matches:
+        return ""
+    if len(matches) == 1:
+        return (
+            f"The folders match the {matches[0]} layout, so use layout {matches[0]} or leave the "
+            "layout unset to detect it"
+        )
+    return f"The folders match the layouts {', '.join(matches)}, so use the one that the data follows"
 
 
 def _split_specs(
@@ -487,7 +511,7 @@ def _collect_split(root: Path, layout: str, spec: _SplitSpec) -> Split | None:
         raise ValueError(
             f"the {spec.name} split of the {layout} dataset at {root} contains no images "
             f"(looked in {folders} for extensions {', '.join(IMAGE_EXTENSIONS)}). "
-            "Add images or remove the empty folders"
+            "Add images, remove the empty folders, or pass the correct layout"
         )
     samples.sort(key=lambda sample: sample.image.relative_to(root).as_posix())
     split = Split(spec.name, samples, root)

@@ -151,6 +151,50 @@ def test_layout_override_wrong(tmp_path):
         open_dataset(tmp_path, layout="resc")
 
 
+@pytest.mark.parametrize(
+    ("built", "requested"),
+    [("mvtec", "brats"), ("brats", "mvtec"), ("brats", "resc"), ("liver", "brats")],
+    ids=["mvtec-as-brats", "brats-as-mvtec", "brats-as-resc", "liver-as-brats"],
+)
+def test_layout_wrong_suggests_match(tmp_path, built, requested):
+    BUILDERS[built](tmp_path)
+    with pytest.raises((FileNotFoundError, ValueError)) as error_info:
+        open_dataset(tmp_path, layout=requested)
+    message = str(error_info.value)
+    assert re.search(rf"split of the {requested} dataset at {re.escape(str(tmp_path))}", message), message
+    assert message.endswith(
+        f"The folders match the {built} layout, so use layout {built} or leave the layout unset to detect it"
+    )
+
+
+def test_layout_wrong_without_match(tmp_path):
+    _build_brats(tmp_path)
+    (tmp_path / "valid" / "good" / "img").rename(tmp_path / "valid" / "good" / "images")
+    (tmp_path / "valid" / "Ungood" / "img").rename(tmp_path / "valid" / "Ungood" / "images")
+    with pytest.raises(FileNotFoundError) as error_info:
+        open_dataset(tmp_path, layout="brats")
+    assert "The folders match" not in str(error_info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "requested", "expected_folder", "suggested"),
+    [
+        ("lgg_flair", "mvtec", "lgg_flair/test/Ungood", "brats"),
+        ("magnetic_tile", "brats", "magnetic_tile/test/good/img", "mvtec"),
+    ],
+    ids=["lgg-as-mvtec", "tile-as-brats"],
+)
+def test_real_layout_mismatch(name, requested, expected_folder, suggested):
+    root = _data_root() / name
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root}; set DINODPMM_DATA to the folder that contains {name}")
+    with pytest.raises((FileNotFoundError, ValueError)) as error_info:
+        open_dataset(root, layout=requested)
+    message = str(error_info.value)
+    assert expected_folder in message
+    assert f"match the {suggested} layout, so use layout {suggested}" in message
+
+
 def test_layout_override_kept(tmp_path):
     _build_brats(tmp_path)
     assert open_dataset(tmp_path, layout="brats").layout == "brats"
