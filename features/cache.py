@@ -207,6 +207,11 @@ class EmbeddingCache:
     dtype : {"float16", "float32"}
         Storage dtype. float16 halves the disk space and the size of every bundle.
         Embeddings whose magnitude exceeds 65504 need float32.
+
+    Raises
+    ------
+    NotADirectoryError
+        If ``root``, or the nearest of its ancestors that exists, is a file.
     """
 
     def __init__(self, root: str | Path | None = None, *, dtype: str = "float16") -> None:
@@ -216,6 +221,7 @@ class EmbeddingCache:
                 "Pass 'float16' (default) or 'float32'"
             )
         self.root = Path(root).expanduser() if root is not None else default_cache_root()
+        _check_directory_path(self.root)
         self.dtype = np.dtype(dtype)
 
     def __repr__(self) -> str:
@@ -388,6 +394,23 @@ class EmbeddingCache:
             path.unlink(missing_ok=True)
         _remove_empty_directories(directory, keep=self.root)
         return removed
+
+
+def _check_directory_path(root: Path) -> None:
+    """Raise NotADirectoryError if ``root`` or its nearest existing ancestor is not a directory.
+
+    A missing root is fine: the first write creates it.
+    """
+    for path in (root, *root.parents):
+        if not path.exists():
+            continue
+        if path.is_dir():
+            return
+        problem = "is a file, not a directory" if path == root else f"cannot be created because {path} is a file"
+        raise NotADirectoryError(
+            f"embedding cache root {root} {problem}; pass the path of a directory (it is created "
+            "when missing) or move the file away."
+        )
 
 
 # Entry and bundle files are named by a sha256 key. Temporary files, as atomic_path names

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from .cache import STORAGE_DTYPES, EmbeddingCache
 from .datasets import LAYOUTS, SPLITS, open_dataset
@@ -172,10 +171,13 @@ def run_cache_info(args: argparse.Namespace) -> int:
 
 def run_cache_clear(args: argparse.Namespace) -> int:
     """Delete the entries of one backbone or of all backbones and print how many."""
-    if args.cache is not None and not Path(args.cache).is_dir():
+    try:
+        cache = EmbeddingCache(args.cache)
+    except OSError as error:
+        return _report_user_error("cache clear", error)
+    if args.cache is not None and not cache.root.is_dir():
         error = FileNotFoundError(f"cache directory {args.cache} not found; pass the --cache given to `dinodpmm embed`")
         return _report_user_error("cache clear", error)
-    cache = EmbeddingCache(args.cache)
     try:
         removed = cache.clear(args.backbone)
     except (OSError, ValueError) as error:

@@ -430,6 +430,29 @@ def test_clear_missing_root(tmp_path):
     assert EmbeddingCache(tmp_path / "absent").clear() == 0
 
 
+def test_root_file_rejected(tmp_path):
+    root = tmp_path / "cache.npy"
+    root.write_bytes(b"keep")
+    with pytest.raises(NotADirectoryError, match=rf"cache root {re.escape(str(root))} is a file, not a directory"):
+        EmbeddingCache(root)
+    assert root.read_bytes() == b"keep"
+
+
+def test_root_under_file_rejected(tmp_path):
+    (tmp_path / "cache.npy").write_bytes(b"keep")
+    root = tmp_path / "cache.npy" / "embeddings"
+    message = rf"cache root {re.escape(str(root))} cannot be created because .*cache\.npy is a file"
+    with pytest.raises(NotADirectoryError, match=message):
+        EmbeddingCache(root)
+
+
+def test_env_root_file_rejected(tmp_path, monkeypatch):
+    (tmp_path / "cache.npy").write_bytes(b"keep")
+    monkeypatch.setenv(CACHE_ENV_VAR, str(tmp_path / "cache.npy"))
+    with pytest.raises(NotADirectoryError, match="is a file, not a directory"):
+        EmbeddingCache()
+
+
 def _fill_cache(root: str, paths: list[str], barrier) -> None:
     """Embed ``paths`` into the cache at ``root`` in a child process, starting at ``barrier``."""
     samples = _samples([Path(path) for path in paths])
@@ -584,6 +607,28 @@ def test_cache_commands(images, tmp_path, capsys):
     assert args.handler(args) == 0
     assert "deleted 8 entries of all backbones" in capsys.readouterr().out
     assert cache.info().num_entries == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["embed", "{tmp}/data", "--backbone", "fake", "--cache", "{tmp}/cache.npy"],
+        ["cache", "info", "--cache", "{tmp}/cache.npy"],
+        ["cache", "clear", "--cache", "{tmp}/cache.npy"],
+    ],
+    ids=["embed", "info", "clear"],
+)
+def test_commands_reject_cache_file(tmp_path, fake_backbones_module, capsys, argv):
+    _build_mvtec(tmp_path / "data")
+    (tmp_path / "cache.npy").write_bytes(b"keep")
+    args = _parse([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
+    assert args.handler(args) == 1
+    error = capsys.readouterr().err
+    command = " ".join(argv[:2]) if argv[0] == "cache" else "embed"
+    expected = f"dinodpmm {command}: error: embedding cache root {tmp_path / 'cache.npy'} is a file, not a directory;"
+    assert error.startswith(expected), error
+    assert error.count("\n") == 1
+    assert (tmp_path / "cache.npy").read_bytes() == b"keep"
 
 
 def test_cache_clear_command_untagged(tmp_path, capsys):
