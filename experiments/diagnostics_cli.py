@@ -79,6 +79,9 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from ..inference.diagnostics import inference_data, plot_diagnostics, save_inference_data
     from ..inference.posterior import Posterior
 
+    problem = _check_diagnose_options(args)
+    if problem is not None:
+        return _error(problem)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         return _error(f"run folder not found: {run_dir}; pass the folder that `dinodpmm fit` wrote.")
@@ -97,6 +100,19 @@ def run_diagnose(args: argparse.Namespace) -> int:
     for path in plot_diagnostics(idata, run_dir / FIGURES_DIR):
         print(f"figure: {path}")
     return 0
+
+
+def _check_diagnose_options(args: argparse.Namespace) -> str | None:
+    """Return a message for the first invalid numeric option of ``diagnose``, or None."""
+    if args.num_points is not None and args.num_points < 1:
+        return (f"--num-points must be a positive integer, got {args.num_points}; omit it to use "
+                "the number of points the posterior was fitted on.")
+    if args.num_samples < 1:
+        return f"--num-samples must be a positive integer, got {args.num_samples}; the default is 1000."
+    # torch.Generator.manual_seed takes seeds in [0, 2**64).
+    if not 0 <= args.seed < 2**64:
+        return f"--seed must be an integer in [0, 2**64), got {args.seed}; the default is 0."
+    return None
 
 
 def _print_summary(idata) -> None:

@@ -1,7 +1,8 @@
-import dataclasses
 """Tests of the posterior diagnostics and the `dinodpmm diagnose` command."""
 
 import argparse
+import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -204,3 +205,24 @@ def test_diagnose_corrupt_posterior(tmp_path, capsys):
     status = run_cli(["diagnose", str(tmp_path)])
     assert status == 2
     assert "cannot read posterior file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--seed", "-1", r"--seed must be an integer in \[0, 2\*\*64\), got -1"),
+        ("--seed", str(2**64), rf"--seed must be an integer in \[0, 2\*\*64\), got {2**64}"),
+        ("--num-samples", "0", "--num-samples must be a positive integer, got 0"),
+        ("--num-samples", "-3", "--num-samples must be a positive integer, got -3"),
+        ("--num-points", "0", "--num-points must be a positive integer, got 0"),
+    ],
+    ids=["seed-negative", "seed-too-large", "samples-zero", "samples-negative", "points-zero"],
+)
+def test_diagnose_invalid_option(svi_posterior, tmp_path, capsys, option, value, message):
+    svi_posterior.save(tmp_path / "posterior.safetensors")
+    status = run_cli(["diagnose", str(tmp_path), option, value])
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2
+    assert len(lines) == 1
+    assert re.match(rf"error: {message}; ", lines[0]), lines[0]
+    assert not (tmp_path / "inference_data.nc").exists()
