@@ -34,6 +34,9 @@ DEFAULT_CHUNK_SIZE = 2**20
 # Rounding slack when deciding whether fpr * 100 is a whole percentage (0.07 * 100 = 7.000000000000001).
 _WHOLE_PERCENT_TOLERANCE = 1e-9
 
+# Distinct label values that a label error message lists before it counts the rest.
+_MAX_LISTED_LABELS = 10
+
 # Connected regions of a ground-truth mask use 8-connectivity (diagonal neighbours touch).
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -155,7 +158,7 @@ def image_auroc(labels: np.ndarray | torch.Tensor | Sequence, scores: np.ndarray
     Parameters
     ----------
     labels : array-like of shape (num_images,)
-        True (or non-zero) for anomalous images.
+        1 (or True) for anomalous and 0 (or False) for normal images.
     scores : array-like of shape (num_images,)
         Image scores, higher is more anomalous.
 
@@ -168,9 +171,12 @@ def image_auroc(labels: np.ndarray | torch.Tensor | Sequence, scores: np.ndarray
     Raises
     ------
     ValueError
-        If the arrays are not 1-D of equal length, or a score is NaN or infinite.
+        If the arrays are not 1-D of equal length, a label is not 0 or 1, or a score is
+        NaN or infinite.
+    TypeError
+        If the labels are neither booleans nor numbers.
     """
-    labels, scores = _to_numpy(labels).reshape(-1) != 0, _to_numpy(scores)
+    labels, scores = _binary_labels(labels, "labels"), _to_numpy(scores)
     if scores.ndim != 1 or scores.size != labels.size:
         raise ValueError(f"labels and scores must be 1-D of equal length, got {labels.size} labels "
                          f"and scores of shape {scores.shape}.")
@@ -184,6 +190,45 @@ def image_auroc(labels: np.ndarray | torch.Tensor | Sequence, scores: np.ndarray
         return math.nan
     sums = _sweep(scores, labels)
     return sums.auc_twice / (2 * sums.num_positive * sums.num_negative)
+
+
+def _binary_labels(labels: np.ndarray | torch.Tensor | Sequence, name: str = "labels") -> np.ndarray:
+    """Check image labels and return them as bool, True for anomalous.
+
+    Parameters
+    ----------
+    labels : array-like of shape (num_images,)
+        Booleans, or numbers that are all 0 (normal) or 1 (anomalous).
+    name : str
+        Name of the argument in error messages.
+
+    Returns
+    -------
+    np.ndarray of bool, shape (num_images,)
+
+    Raises
+    ------
+    TypeError
+        If the labels are neither booleans nor numbers.
+    ValueError
+        If a numeric label is not 0 or 1, for example scikit-learn's -1 and 1.
+    """
+    values = _to_numpy(labels).reshape(-1)
+    if values.dtype == np.bool_:
+        return values
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be booleans or the numbers 0 (normal) and 1 (anomalous), "
+                        f"got an array of dtype {values.dtype}.")
+    found = np.unique(values)
+    if not np.isin(found, (0, 1)).all():
+        listed = ", ".join(f"{value:g}" for value in found[:_MAX_LISTED_LABELS])
+        more = f" and {found.size - _MAX_LISTED_LABELS} more" if found.size > _MAX_LISTED_LABELS else ""
+        raise ValueError(
+            f"{name} must be 0 for normal and 1 for anomalous images (or False and True), but contain "
+            f"the values {listed}{more}; map them to normal = 0 and anomalous = 1 first (scikit-learn's "
+            "outlier detectors, for example, mark anomalies with -1 and normal samples with 1)."
+        )
+    return values == 1
 
 
 # -- pixel level --------------------------------------------------------------------------
@@ -286,10 +331,14 @@ class PixelMetrics:
         Raises
         ------
         ValueError
-            If the shapes differ or are not 2-D or 3-D, a score is NaN or infinite, or the
-            mask contains NaN. The message names the image index in update order.
+            If the shapes differ or are not 2-D or 3-D, a stack of maps and a stack of
+            masks differ in length, a score is NaN or infinite, or the mask contains NaN.
+            The message names the image index in update order.
         """
         scores, truth = _to_numpy(anomaly_map), _to_numpy(mask)
+        if scores.ndim == 3 and truth.ndim == 3 and len(scores) != len(truth):
+            raise ValueError(f"anomaly_map is a stack of {len(scores)} images but mask of {len(truth)} "
+                             f"(images from index {self.num_images}); pass one mask per anomaly map.")
         if scores.ndim == 3 and truth.ndim == 3 and scores.shape == truth.shape:
             for image_scores, image_truth in zip(scores, truth):
                 self.update(image_scores, image_truth)
@@ -445,10 +494,11 @@ def evaluate(
     image_scores : array-like of shape (num_images,)
         Image scores, higher is more anomalous.
     image_labels : array-like of shape (num_images,)
-        True (or non-zero) for anomalous images.
+        1 (or True) for anomalous and 0 (or False) for normal images.
     pixels : PixelMetrics or None
-        Anomaly maps and masks of the test images; None when the set has no masks,
-        which makes every pixel metric NaN.
+        Anomaly maps and masks of the test images, one pair per image in the order of
+        ``image_scores``; None when the set has no masks, which makes every pixel
+        metric NaN.
     normal_scores : array-like or None
         Patch scores of normal validation images, for the Dice thresholds. None makes
         the Dice values and thresholds NaN, with a logged warning.
@@ -466,9 +516,16 @@ def evaluate(
         by default). The counts ``num_images``, ``num_anomalous_images``,
         ``num_pixels``, ``num_anomalous_pixels`` and ``num_regions``. The definitions
         and NaN cases are those of :meth:`PixelMetrics.compute` and :meth:`PixelMetrics.dice`.
+
+    Raises
+    ------
+    ValueError
+        If the numbers of image scores, image labels and images in ``pixels`` differ, a
+        label is not 0 or 1, or an input is not finite.
     """
     keys = [fpr_key(fpr) for fpr in _checked_fprs(fprs)]
-    labels = _to_numpy(image_labels).reshape(-1) != 0
+    labels = _binary_labels(image_labels, "image_labels")
+    _check_image_counts(_to_numpy(image_scores).size, labels.size, pixels)
     result = {"image_auroc": image_auroc(labels, image_scores)}
     result.update(_pixel_metrics(pixels, max_fpr))
     thresholds, dice = np.full(len(keys), math.nan), np.full(len(keys), math.nan)
@@ -489,6 +546,16 @@ def evaluate(
         num_regions=pixels.num_regions if pixels is not None else 0,
     )
     return result
+
+
+def _check_image_counts(num_scores: int, num_labels: int, pixels: PixelMetrics | None) -> None:
+    counts = {"image_scores": num_scores, "image_labels": num_labels}
+    if pixels is not None:
+        counts["pixels (anomaly maps with their masks)"] = pixels.num_images
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{count} in {name}" for name, count in counts.items())
+        raise ValueError(f"the test set sizes differ: {listed}; pass one image score, one label and "
+                         "one anomaly map with its mask per test image, in the same order.")
 
 
 def _pixel_metrics(pixels: PixelMetrics | None, max_fpr: float) -> dict[str, float]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
@@ -307,6 +309,76 @@ def test_update_accepts_stack():
     pixels.update(maps, masks.astype(np.uint8) * 255)
     assert pixels.num_images == 3
     assert pixels.num_anomalous_pixels == int(masks.sum())
+
+
+def test_update_stack_length_mismatch():
+    pixels = PixelMetrics()
+    pixels.update(np.zeros((4, 4)), np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"anomaly_map is a stack of 3 images but mask of 2 \(images from index 1\)"):
+        pixels.update(np.zeros((3, 4, 4)), np.zeros((2, 4, 4)))
+    assert pixels.num_images == 1
+
+
+@pytest.mark.parametrize(
+    ("num_scores", "num_labels", "num_maps", "message"),
+    [
+        (4, 3, 4, "4 in image_scores, 3 in image_labels, 4 in pixels"),
+        (4, 4, 3, "4 in image_scores, 4 in image_labels, 3 in pixels"),
+        (5, 4, 4, "5 in image_scores, 4 in image_labels, 4 in pixels"),
+    ],
+    ids=["labels", "maps", "scores"],
+)
+def test_evaluate_counts_mismatch(num_scores, num_labels, num_maps, message):
+    maps, masks = random_maps(13, num_maps, 6, 6)
+    labels = np.resize([False, True], num_labels)
+    with pytest.raises(ValueError, match=rf"the test set sizes differ: {re.escape(message)}"):
+        evaluate(np.arange(num_scores, dtype=float), labels, accumulate(maps, masks))
+
+
+def test_evaluate_counts_mismatch_without_pixels():
+    with pytest.raises(ValueError, match=r"the test set sizes differ: 3 in image_scores, 2 in image_labels;"):
+        evaluate([0.1, 0.2, 0.3], [0, 1])
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array([False, True, False, True, True]),
+        np.array([0, 1, 0, 1, 1]),
+        np.array([0.0, 1.0, 0.0, 1.0, 1.0]),
+        torch.tensor([False, True, False, True, True]),
+        [0, 1, 0, 1, 1],
+    ],
+    ids=["bool", "int", "float", "tensor", "list"],
+)
+def test_image_auroc_label_types(labels):
+    scores = np.array([0.3, 0.5, 0.1, 0.2, 0.9])
+    expected = roc_auc_score([0, 1, 0, 1, 1], scores)
+    assert image_auroc(labels, scores) == pytest.approx(expected, abs=5 * EPS)
+
+
+@pytest.mark.parametrize(
+    ("labels", "found"),
+    [
+        ([1, -1, 1, -1], "-1, 1"),
+        ([0, 255, 0, 255], "0, 255"),
+        ([0, 1, 2, 1], "0, 1, 2"),
+        ([0.0, float("nan"), 1.0, 1.0], "0, 1, nan"),
+    ],
+    ids=["sklearn", "png", "three", "nan"],
+)
+def test_labels_outside_zero_one(labels, found):
+    scores = [0.1, 0.2, 0.3, 0.4]
+    message = rf"must be 0 for normal and 1 for anomalous images .* contain the values {found};"
+    with pytest.raises(ValueError, match=rf"^labels {message}"):
+        image_auroc(labels, scores)
+    with pytest.raises(ValueError, match=rf"^image_labels {message}"):
+        evaluate(scores, labels)
+
+
+def test_labels_not_numeric():
+    with pytest.raises(TypeError, match=r"labels must be booleans or the numbers 0 \(normal\) and 1 \(anomalous\)"):
+        image_auroc(["good", "bad"], [0.1, 0.2])
 
 
 def test_compute_without_images():
