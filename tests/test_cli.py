@@ -167,3 +167,60 @@ def test_score_refuses_run_directory_as_out(tmp_path, capsys):
     (tmp_path / "metrics.json").write_text("{}")
     assert main(["score", str(tmp_path), str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "is a run directory" in capsys.readouterr().err
+
+
+def test_config_duplicate_key(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("backbone:\n  name: offline\nfit:\n  truncation: 5\n  truncation: 6\n", encoding="utf-8")
+    status = main(["fit", str(config), "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys) == (
+        f"error: config file {config} contains the key fit.truncation twice, at lines 4 and 5; keep one of them."
+    )
+
+
+def test_config_not_utf8(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_bytes("plots:\n  note: caf\xe9\n".encode("latin-1"))
+    status = main(["fit", str(config), "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys) == (
+        f"error: config file {config} is not valid UTF-8 (byte 0xe9 at offset 18); save it as UTF-8 YAML."
+    )
+
+
+def test_layout_mismatch_suggests_layout(tmp_path, capsys):
+    root = _tiny_mvtec(tmp_path / "data", train_images=10)
+    status = main(["fit", str(LGG_CONFIG), f"data.root={root}", "data.layout=brats", f"cache.dir={tmp_path / 'cache'}",
+                   "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    line = _error_line(capsys)
+    assert line.startswith(f"error: the test split of the brats dataset at {root} is missing because none of ")
+    assert f"{root / 'test' / 'good' / 'img'}" in line
+    assert line.endswith("The folders match the mvtec layout, so use layout mvtec or leave the layout unset to detect it")
+
+
+def test_cache_dir_is_file(tmp_path, capsys):
+    root = _tiny_mvtec(tmp_path / "data", train_images=10)
+    cache_file = tmp_path / "cache.npy"
+    cache_file.write_bytes(b"keep")
+    status = main(["fit", str(LGG_CONFIG), f"data.root={root}", "data.layout=mvtec", f"cache.dir={cache_file}",
+                   "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys).startswith(f"error: embedding cache root {cache_file} is a file, not a directory;")
+    assert cache_file.read_bytes() == b"keep"
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--seed", "-1"), ("--num-samples", "0"), ("--num-points", "0")],
+    ids=["seed", "samples", "points"],
+)
+def test_diagnose_invalid_option(tmp_path, capsys, option, value):
+    data = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    fit_svi(data, truncation=3, num_steps=2, batch_size=50, init_subsample=200, progress=False).save(
+        tmp_path / "posterior.safetensors")
+    status = main(["diagnose", str(tmp_path), option, value])
+    assert status == EXIT_USER_ERROR
+    assert _error_line(capsys).startswith(f"error: {option} must be ")
+    assert not (tmp_path / "inference_data.nc").exists()
