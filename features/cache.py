@@ -43,12 +43,15 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import platformdirs
 
-from .base import Backbone
+if TYPE_CHECKING:
+    # Imported for annotations only: base imports torch, and the CLI's parser, which
+    # imports this module, must build without it.
+    from .base import Backbone
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 :func:`register` adds them to an argparse subparsers object. Each parsed namespace
 carries its handler in ``args.handler``, a function ``(args) -> int`` that returns the
 exit code. Handlers print results to stdout. A user error (missing folder, invalid
-layout, unknown backbone) prints one line to stderr and returns 1 instead of raising.
+layout, unknown backbone) prints one line to stderr and returns 2, the status argparse
+uses for usage errors, instead of raising.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .datasets import LAYOUTS, SPLITS, open_dataset
 logger = logging.getLogger(__name__)
 
 # Exit code of a handler that rejected its input.
-EXIT_USER_ERROR = 1
+EXIT_USER_ERROR = 2
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -578,7 +578,7 @@ def test_embed_command_splits(tmp_path, fake_backbones_module, capsys, caplog):
 def test_embed_command_errors(tmp_path, fake_backbones_module, capsys, argv, message):
     _build_mvtec(tmp_path / "data")
     args = _parse([arg.replace("{tmp}", str(tmp_path)) for arg in argv] + ["--cache", str(tmp_path / "cache")])
-    assert args.handler(args) == 1
+    assert args.handler(args) == 2
     error = capsys.readouterr().err
     assert re.match(message, error)
     assert error.count("\n") == 1
@@ -622,7 +622,7 @@ def test_commands_reject_cache_file(tmp_path, fake_backbones_module, capsys, arg
     _build_mvtec(tmp_path / "data")
     (tmp_path / "cache.npy").write_bytes(b"keep")
     args = _parse([arg.replace("{tmp}", str(tmp_path)) for arg in argv])
-    assert args.handler(args) == 1
+    assert args.handler(args) == 2
     error = capsys.readouterr().err
     command = " ".join(argv[:2]) if argv[0] == "cache" else "embed"
     expected = f"dinodpmm {command}: error: embedding cache root {tmp_path / 'cache.npy'} is a file, not a directory;"
@@ -635,7 +635,7 @@ def test_cache_clear_command_untagged(tmp_path, capsys):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("keep")
     args = _parse(["cache", "clear", "--cache", str(tmp_path / "project")])
-    assert args.handler(args) == 1
+    assert args.handler(args) == 2
     assert "has no CACHEDIR.TAG" in capsys.readouterr().err
 
 

@@ -224,3 +224,13 @@ def test_diagnose_invalid_option(tmp_path, capsys, option, value):
     assert status == EXIT_USER_ERROR
     assert _error_line(capsys).startswith(f"error: {option} must be ")
     assert not (tmp_path / "inference_data.nc").exists()
+
+
+def test_parser_builds_without_torch():
+    # `dinodpmm --help` must not pay for importing torch and timm (seconds on a busy machine).
+    import subprocess
+    import sys
+
+    code = "import sys, dinodpmm.experiments.cli as cli; cli.build_parser(); print(sorted({'torch', 'timm'} & set(sys.modules)))"
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert output.strip() == "[]"
