@@ -60,15 +60,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinodpmm",
         description="Unsupervised anomaly detection with a Dirichlet process mixture over patch embeddings.",
+        epilog="examples:\n"
+               "  dinodpmm demo                                    the whole pipeline on bundled images\n"
+               "  dinodpmm run experiments/configs/lgg_flair.yaml --out runs/lgg\n"
+               "  dinodpmm score runs/lgg scans/ --out scores      flag new images\n"
+               "configs for the datasets of the method ship in experiments/configs/; "
+               "`dinodpmm COMMAND --help` describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_verbose(parser, default=0)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    run = subparsers.add_parser("run", help="embed, fit, score, evaluate and plot one experiment")
+    run = subparsers.add_parser(
+        "run", help="embed, fit, score, evaluate and plot one experiment",
+        description="Embed the images of CONFIG (through the embedding cache), fit the mixture to the normal "
+                    "training patches, score the test images with the DPMM and the memory-bank baseline, and "
+                    "write config.yaml, posterior.safetensors, metrics.json, scores.csv and figures/ to RUN_DIR. "
+                    "An unknown key=value override is an error that lists the valid keys.",
+    )
     _add_config_arguments(run)
     run.set_defaults(handler=_run)
 
-    fit = subparsers.add_parser("fit", help="embed the training images and fit the mixture only")
+    fit = subparsers.add_parser(
+        "fit", help="embed the training images and fit the mixture only",
+        description="Embed the normal training images of CONFIG and fit the mixture; write config.yaml and "
+                    "posterior.safetensors to RUN_DIR for `score`, `evaluate` and `diagnose`.",
+    )
     _add_config_arguments(fit)
     fit.set_defaults(handler=_fit)
 
@@ -97,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                                "hundred images on a CPU)")
     evaluate.set_defaults(handler=_evaluate)
 
-    demo = subparsers.add_parser("demo", help="run the pipeline on texture images bundled with scikit-image")
+    demo = subparsers.add_parser(
+        "demo", help="run the pipeline on texture images bundled with scikit-image",
+        description="Cut scikit-image's grass photograph into tiles, paste synthetic defects cut from its brick "
+                    "photograph into some test tiles (with exact masks), then fit, score, evaluate and plot as "
+                    "`run` does, with the offline backbone. Needs no download.",
+    )
     demo.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"run directory (default: {DEFAULT_DEMO_DIR})")
     demo.add_argument("--fast", action="store_true", help="fewer tiles and steps, for a quick check")
     demo.set_defaults(handler=_demo)
