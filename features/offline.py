@@ -183,7 +183,7 @@ class OfflineBackbone(Backbone):
             )
         self.resolution = resolution
         self.device = torch.device(device)
-        self.dim = len(FEATURE_NAMES)
+        self.dim = len(self.feature_names)
         self.weights_digest = _digest({"feature_version": FEATURE_VERSION, **self.settings})
 
     @property
@@ -232,8 +232,22 @@ class OfflineBackbone(Backbone):
             batch = torch.stack(
                 [self._preprocess(image) for image in images[start : start + _CHUNK_SIZE]]
             ).to(self.device)  # N H W
-            chunks.append(_describe_patches(batch).cpu())
+            chunks.append(self._describe_patches(batch).cpu())
         return torch.cat(chunks), grid
+
+    def _describe_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Compute the patch descriptors of preprocessed images; subclasses override it.
+
+        Parameters
+        ----------
+        images : torch.Tensor of shape (num_images, height, width)
+            Intensities in [0, 1], height and width multiples of the patch size.
+
+        Returns
+        -------
+        torch.Tensor of shape (num_images, grid_h * grid_w, dim)
+        """
+        return _describe_patches(images)
 
     def _common_grid(self, images: Sequence[Image.Image]) -> tuple[int, int]:
         if len(images) == 0:
