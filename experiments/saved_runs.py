@@ -113,7 +113,7 @@ def evaluate_run(run_dir: str | Path, *, memory_bank: bool = False, progress: bo
         ``data_fingerprints``, ``changed_splits`` (roles whose images differ from those
         the run recorded), ``normal_image_scores`` and ``timings_s``.
     """
-    run_dir, _ = _open_run(run_dir)
+    run_dir = Path(run_dir)
     config, posterior, backbone = load_run(run_dir)
     if not memory_bank:
         config = dataclasses.replace(config, baseline=dataclasses.replace(config.baseline, memory_bank=False))
