@@ -28,6 +28,7 @@ _EXPORTS = {
     "SplitEmbeddings": ".extract",
     "embed_split": ".extract",
     "OfflineBackbone": ".offline",
+    "OfflineTextureBackbone": ".offline_texture",
     "ImageReadError": ".preprocess",
     "grid_shape": ".preprocess",
     "load_image": ".preprocess",

@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 PATCH_SIZE = 14
 RANDOM_WEIGHTS = "random"
 OFFLINE_NAME = "offline"
+OFFLINE_TEXTURE_NAME = "offline-texture"
 POS_EMBED_INTERPOLATIONS: tuple[str, ...] = ("dinov2", "timm")
 PosEmbedInterpolation = Literal["dinov2", "timm"]
 
@@ -95,7 +96,7 @@ DINOV2_REGISTRY: dict[str, tuple[CheckpointSpec, int]] = _build_registry()
 
 def available_backbones() -> tuple[str, ...]:
     """Return every name :func:`load_backbone` accepts."""
-    return (*DINOV2_REGISTRY, OFFLINE_NAME)
+    return (*DINOV2_REGISTRY, OFFLINE_NAME, OFFLINE_TEXTURE_NAME)
 
 
 class DinoV2Backbone(Backbone):
@@ -394,9 +395,11 @@ def load_backbone(
     Returns
     -------
     Backbone
-        A :class:`DinoV2Backbone`, or for ``name="offline"`` an
-        :class:`~dinodpmm.features.offline.OfflineBackbone`, which takes only ``device``
-        and ``resolution`` from these options.
+        A :class:`DinoV2Backbone`, for ``name="offline"`` an
+        :class:`~dinodpmm.features.offline.OfflineBackbone`, or for
+        ``name="offline-texture"`` an
+        :class:`~dinodpmm.features.offline_texture.OfflineTextureBackbone`. The two
+        offline backbones take only ``device`` and ``resolution`` from these options.
 
     Raises
     ------
@@ -407,8 +410,8 @@ def load_backbone(
     dinodpmm.features.checkpoints.CheckpointError
         If the weights do not fit the architecture.
     """
-    if name == OFFLINE_NAME:
-        return _load_offline(weights, device, resolution, intensity)
+    if name in (OFFLINE_NAME, OFFLINE_TEXTURE_NAME):
+        return _load_offline(name, weights, device, resolution, intensity)
     if name not in DINOV2_REGISTRY:
         raise ValueError(
             f"name must be one of {', '.join(available_backbones())}; got {name!r}."
@@ -484,15 +487,20 @@ def _random_model(name: str, spec: CheckpointSpec, seed: int) -> tuple[VisionTra
 
 
 def _load_offline(
-    weights: object, device: str | torch.device, resolution: int, intensity: str
+    name: str, weights: object, device: str | torch.device, resolution: int, intensity: str
 ) -> Backbone:
     if weights is not None:
         raise ValueError(
-            f"weights must be None for the offline backbone, which has no weights; got {weights!r}."
+            f"weights must be None for the offline backbone {name!r}, which has no weights; "
+            f"got {weights!r}."
         )
     # NOTE: the offline backbone scales intensities by its own rule, so `intensity` and
     # the other DINOv2 options do not reach it. `intensity` is still checked for typos.
     _check_intensity(intensity)
+    if name == OFFLINE_TEXTURE_NAME:
+        from .offline_texture import OfflineTextureBackbone  # optional module, imported on use
+
+        return OfflineTextureBackbone(resolution=resolution, device=_check_device(device))
     from .offline import OfflineBackbone  # optional module, imported on use
 
     return OfflineBackbone(resolution=resolution, device=_check_device(device))
