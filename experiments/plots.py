@@ -17,6 +17,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from ..features.backbones import OFFLINE_BACKBONES
+
 # Colour of each method in the ROC figure.
 METHOD_COLORS = {"dpmm": "tab:blue", "memory_bank": "tab:orange"}
 METHOD_LABELS = {"dpmm": "DPMM", "memory_bank": "memory bank"}
@@ -28,12 +30,12 @@ _TRACE_UNITS = {"svi": "step", "gibbs": "sweep", "online-em": "epoch"}
 def backbone_label(backbone: Mapping[str, Any]) -> str:
     """Return the line that names a backbone in figure footers.
 
-    The offline backbone is labelled as a baseline, so its figures cannot be taken for
-    DINOv2 results.
+    The weight-free backbones are labelled as baselines, so their figures cannot be
+    taken for DINOv2 results.
     """
     name = backbone.get("name", "unknown")
-    if name == "offline":
-        return "backbone: offline (hand-crafted descriptors, a baseline without DINOv2 weights)"
+    if name in OFFLINE_BACKBONES:
+        return f"backbone: {name} (hand-crafted descriptors, a baseline without DINOv2 weights)"
     return f"backbone: {name} (resolution {backbone.get('resolution', '?')})"
 
 

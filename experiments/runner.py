@@ -52,6 +52,7 @@ from ..features import (
     load_mask,
     open_dataset,
 )
+from ..features.backbones import OFFLINE_BACKBONES
 from ..features.datasets import is_image_file
 from ..inference import Posterior, fit_gibbs, fit_online_em, fit_svi
 from . import plots
@@ -498,7 +499,7 @@ def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timin
                 for method, result in results.items()}
     document.update(
         backbone=fitted.backbone.describe(),
-        backbone_is_baseline=fitted.backbone.name == "offline",
+        backbone_is_baseline=fitted.backbone.name in OFFLINE_BACKBONES,
         algorithm=posterior.algorithm,
         score=score_name(config, fitted.backbone),
         memory_bank_metric=bank_metric(score_name(config, fitted.backbone)) if "memory_bank" in results else None,

@@ -61,6 +61,8 @@ PATCH_SIZE = 14
 RANDOM_WEIGHTS = "random"
 OFFLINE_NAME = "offline"
 OFFLINE_TEXTURE_NAME = "offline-texture"
+# The weight-free backbones: baselines, not DINOv2.
+OFFLINE_BACKBONES = (OFFLINE_NAME, OFFLINE_TEXTURE_NAME)
 POS_EMBED_INTERPOLATIONS: tuple[str, ...] = ("dinov2", "timm")
 PosEmbedInterpolation = Literal["dinov2", "timm"]
 
@@ -96,7 +98,7 @@ DINOV2_REGISTRY: dict[str, tuple[CheckpointSpec, int]] = _build_registry()
 
 def available_backbones() -> tuple[str, ...]:
     """Return every name :func:`load_backbone` accepts."""
-    return (*DINOV2_REGISTRY, OFFLINE_NAME, OFFLINE_TEXTURE_NAME)
+    return (*DINOV2_REGISTRY, *OFFLINE_BACKBONES)
 
 
 class DinoV2Backbone(Backbone):
@@ -410,7 +412,7 @@ def load_backbone(
     dinodpmm.features.checkpoints.CheckpointError
         If the weights do not fit the architecture.
     """
-    if name in (OFFLINE_NAME, OFFLINE_TEXTURE_NAME):
+    if name in OFFLINE_BACKBONES:
         return _load_offline(name, weights, device, resolution, intensity)
     if name not in DINOV2_REGISTRY:
         raise ValueError(

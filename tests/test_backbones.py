@@ -143,8 +143,9 @@ def empty_caches(tmp_path, monkeypatch):
 
 def test_registry_names():
     names = available_backbones()
-    assert len(names) == 9
+    assert len(names) == 10
     assert "offline" in names
+    assert "offline-texture" in names
     assert {"dinov2_vits14_reg", "dinov2_vitg14", "dinov2_vitg14_reg"} <= set(names)
 
 

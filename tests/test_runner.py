@@ -256,7 +256,8 @@ def test_prepare_data_holds_out_without_valid(tmp_path):
 
 def test_demo_fast(tmp_path, cache_dir):
     metrics = run_demo(tmp_path / "demo", fast=True, overrides=[f"cache.dir={cache_dir}"])
-    assert metrics["backbone"]["name"] == "offline"
+    assert metrics["backbone"]["name"] == "offline-texture"
+    assert metrics["backbone_is_baseline"] is True
     assert "synthetic" in metrics["note"]
     assert metrics["threshold_images"] == "train holdout"
     for name in FIGURES:
