@@ -11,8 +11,9 @@ Subcommands::
     dinodpmm diagnose / compare                               posterior diagnostics, when installed
 
 A user error (missing dataset or run directory, unknown backbone or config key, a
-posterior from another embedding dimension, an empty split) prints one ``error: ...``
-line to stderr and exits with status 2. ``--verbose`` adds the traceback to the log.
+posterior from another embedding dimension, an empty split) prints ``error: ...`` to
+stderr, one line unless the message itself continues, and exits with status 2.
+``--verbose`` adds the traceback to the log.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +40,7 @@ SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max", "pixel
 
 
 class UserError(Exception):
-    """An error caused by the command's input, reported as one line without a traceback."""
+    """An error caused by the command's input, reported without a traceback."""
 
 
 def _add_verbose(parser: argparse.ArgumentParser, *, default) -> None:
@@ -193,6 +195,8 @@ def _score(args: argparse.Namespace) -> int:
     from .runner import SCORES_FILE
     from .saved_runs import normal_reference, score_images
 
+    if not args.out.strip():
+        raise UserError("--out is empty; pass the directory for scores.csv and the overlays.")
     out = Path(args.out)
     if any((out / name).exists() for name in RUN_FILES if name != "config.yaml"):
         raise UserError(f"--out {args.out} is a run directory; write the scores of new images to another folder.")
@@ -210,10 +214,15 @@ def _score(args: argparse.Namespace) -> int:
               f"validation images score above it (--fpr {args.fpr:g})")
     print("score".rjust(12) + "normal %".rjust(10) + "  flag       path")
     for row in rows:
+        if row["error"]:
+            print(f"{'skipped':>12}{'':>10}  {'':<10} {row['path']}: {row['error']}")
+            continue
         percentile = "" if row["normal_percentile"] == "" else f"{row['normal_percentile']:.1f}"
         flag = "anomalous" if row["above_threshold"] is True else ""
         print(f"{row['score']:12.6g}{percentile:>10}  {flag:<10} {row['path']}")
-    print(f"scored {len(rows)} images; scores and overlays in {args.out}/{SCORES_FILE}")
+    skipped = sum(bool(row["error"]) for row in rows)
+    print(f"scored {len(rows) - skipped} images" + (f", skipped {skipped}" if skipped else "")
+          + f"; scores and overlays in {out / SCORES_FILE}")
     return 0
 
 
@@ -283,9 +292,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.handler(args) or 0)
+    except BrokenPipeError:
+        # The reader of stdout exited (`dinodpmm score ... | head`): stop quietly, and
+        # point stdout at devnull so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except _user_errors() as error:
         logger.debug("the command failed", exc_info=True)
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        # Some messages continue on further lines (the places searched for weights,
+        # the position of a YAML syntax error); print them whole.
+        message = str(error) or type(error).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -141,18 +141,21 @@ def run_compare(args: argparse.Namespace) -> int:
     from .compare import ALGORITHMS
 
     overrides = [*args.overrides, *(name for name in args.algorithms if "=" in name)]
-    algorithms = [name for name in args.algorithms if "=" not in name]
+    # dict.fromkeys drops repeated names and keeps the order.
+    algorithms = list(dict.fromkeys(name for name in args.algorithms if "=" not in name))
     unknown = [name for name in algorithms if name not in ALGORITHMS]
     if unknown or not algorithms:
         return _error(f"--algorithms takes names from {', '.join(ALGORITHMS)}, got {' '.join(args.algorithms)}.")
     if not Path(args.config).is_file():
         return _error(f"config file not found: {args.config}; pass a YAML experiment configuration.")
+    out_dir = Path(args.out) if args.out is not None else Path(f"compare-{Path(args.config).stem}")
+    if out_dir.exists() and not out_dir.is_dir():
+        return _error(f"--out {out_dir} is a file; pass a directory for the comparison.")
     try:
         config = load_config(args.config, overrides)
         rows, backbone = _compare_from_config(config, algorithms)
     except (ConfigError, RunError, FileNotFoundError) as error:
         return _error(str(error))
-    out_dir = Path(args.out) if args.out is not None else Path(f"compare-{Path(args.config).stem}")
     for path in _write_comparison(rows, out_dir, backbone):
         print(f"wrote {path}")
     return 0
@@ -166,7 +169,7 @@ def _compare_from_config(config, algorithms):
     from ..inference.diagnostics import backbone_label
     from .compare import compare_algorithms
     from .config import resolve_paths
-    from .runner import backbone_from_config, evaluate_method, prepare_data, score_name
+    from .runner import backbone_from_config, evaluate_method, image_offsets, prepare_data, score_name
     from .scoring import patch_scores
 
     config = resolve_paths(config)
@@ -197,7 +200,10 @@ def _compare_from_config(config, algorithms):
         "gibbs": {"alpha": fit.alpha, "alpha_prior": alpha_prior, "num_chains": gibbs.num_chains,
                   "num_sweeps": gibbs.num_sweeps, "burn_in": gibbs.burn_in, "thin": gibbs.thin,
                   "subsample": gibbs.subsample, "split_merge": gibbs.split_merge},
-        "online-em": {"alpha": fit.alpha, "num_epochs": fit.online_em.num_epochs, "rate": fit.online_em.rate},
+        # Minibatches of whole images, as `dinodpmm run` fits online EM.
+        "online-em": {"alpha": fit.alpha, "num_epochs": fit.online_em.num_epochs, "rate": fit.online_em.rate,
+                      "images_per_step": fit.online_em.images_per_step, "batch_size": None,
+                      "image_offsets": image_offsets(splits["train"])},
         "sklearn": {"alpha": fit.alpha, "max_iter": fit.sklearn.max_iter, "subsample": fit.sklearn.subsample},
     }
     heldout = np.asarray(splits["threshold"].patches, dtype=np.float32)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,8 @@ POSTERIOR_FILE = "posterior.safetensors"
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.csv"
 FIGURES_DIR = "figures"
+# Outputs computed from a run's posterior; refitting into the directory deletes them.
+STALE_OUTPUTS = (METRICS_FILE, SCORES_FILE, FIGURES_DIR, "evaluation.json", "inference_data.nc")
 METHODS = ("dpmm", "memory_bank")
 # Metrics that evaluate() returns and that a re-evaluation of a saved run must reproduce.
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_aupr", "pixel_f1_max", "aupro")
@@ -129,7 +132,7 @@ def split_fingerprint(samples: Sequence[Sample], root: Path) -> str:
     """Return a SHA-256 hex digest of the images, masks, labels and file sizes of ``samples``.
 
     Paths enter relative to ``root``, so a dataset moved as a whole keeps its
-    fingerprint; a file added, removed, relabelled or rewritten with another size
+    fingerprint. A file added, removed, relabelled or rewritten with another size
     changes it. File contents are not read, so an edit that keeps the size goes unseen.
     """
     digest = hashlib.sha256()
@@ -276,6 +279,9 @@ class FitResult:
         saved run is re-evaluated without the memory bank, the only stage that reads them.
     timings : dict of str to float
         Seconds per stage.
+    posterior_sha256 : str or None
+        Digest of the saved posterior file (:func:`posterior_digest`); None when the
+        posterior was not saved.
     """
 
     config: Config
@@ -284,12 +290,14 @@ class FitResult:
     data: PreparedData
     train: SplitEmbeddings | None
     timings: dict[str, float]
+    posterior_sha256: str | None = None
 
 
 def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progress: bool = False) -> FitResult:
     """Embed the training images (through the cache) and fit the mixture that ``config`` describes.
 
-    With ``out_dir``, writes ``config.yaml`` and ``posterior.safetensors`` there.
+    With ``out_dir``, writes ``config.yaml`` and ``posterior.safetensors`` there, after
+    deleting the outputs of an earlier run in it (``STALE_OUTPUTS``).
     """
     config = resolve_paths(config)
     timings: dict[str, float] = {}
@@ -305,9 +313,38 @@ def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progre
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_outputs(out_dir)
         save_config(config, out_dir / CONFIG_FILE)
         posterior.save(out_dir / POSTERIOR_FILE)
-    return FitResult(config, posterior, backbone, data, train, timings)
+        digest = posterior_digest(out_dir / POSTERIOR_FILE)
+    else:
+        digest = None
+    return FitResult(config, posterior, backbone, data, train, timings, digest)
+
+
+def _remove_stale_outputs(out_dir: Path) -> None:
+    """Delete the outputs an earlier run left in ``out_dir``, which describe the posterior about to be replaced.
+
+    The caller runs it after the fit succeeded, so a failed run leaves the earlier one whole.
+    """
+    for name in STALE_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        logger.info("removed %s of the earlier run", path)
+
+
+def posterior_digest(path: str | Path) -> str:
+    """Return the SHA-256 hex digest of a posterior file, which outputs store to name their posterior."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _provenance(backbone: Backbone, data: PreparedData, train: SplitEmbeddings) -> dict[str, Any]:
@@ -338,10 +375,15 @@ def _fit(train: SplitEmbeddings, config: Config, backbone: Backbone, progress: b
                          thin=gibbs.thin, subsample=gibbs.subsample, split_merge=gibbs.split_merge,
                          seed=fit.seed, progress=progress)
     online = fit.online_em
-    offsets = np.array([record.row_start for record in train.index] + [train.num_patches])
     return fit_online_em(train.patches, truncation=fit.truncation, covariance=fit.covariance, alpha=fit.alpha,
                          images_per_step=online.images_per_step, num_epochs=online.num_epochs, rate=online.rate,
-                         seed=fit.seed, progress=progress, image_offsets=offsets, device=config.backbone.device)
+                         seed=fit.seed, progress=progress, image_offsets=image_offsets(train),
+                         device=config.backbone.device)
+
+
+def image_offsets(embeddings: SplitEmbeddings) -> np.ndarray:
+    """Return the row offsets of the images in a split's patch matrix, shape (num_images + 1,)."""
+    return np.array([record.row_start for record in embeddings.index] + [embeddings.num_patches])
 
 
 # -- scoring -------------------------------------------------------------------------------------------
@@ -499,6 +541,7 @@ def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timin
                 for method, result in results.items()}
     document.update(
         backbone=fitted.backbone.describe(),
+        posterior_sha256=fitted.posterior_sha256,
         backbone_is_baseline=fitted.backbone.name in OFFLINE_BACKBONES,
         algorithm=posterior.algorithm,
         score=score_name(config, fitted.backbone),

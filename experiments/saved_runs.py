@@ -12,13 +12,15 @@ import csv
 import dataclasses
 import json
 import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..features import Backbone, load_image
+from ..features import Backbone, ImageReadError, load_image
 from ..features.datasets import is_image_file
 from ..inference import Posterior
 from . import plots
@@ -34,6 +36,7 @@ from .runner import (
     embed_role,
     evaluate_methods,
     finite_or_none,
+    posterior_digest,
     prepare_data,
     score_name,
     split_fingerprint,
@@ -43,12 +46,16 @@ from .scoring import anomaly_map, image_score, patch_scores
 logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
+# Overlays that score_images writes: "<4-digit index>_<image stem>_overlay.png".
+OVERLAY_NAME = re.compile(r"\d{4}_.*_overlay\.png")
 # False-positive rate on the normal validation images that sets the threshold of `score`.
 DEFAULT_SCORE_FPR = 0.05
 
 
 def _open_run(run_dir: str | Path) -> tuple[Path, Config]:
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise RunError(f"run directory {run_dir} is a file; pass the directory that contains it ({run_dir.parent}).")
     if not run_dir.is_dir():
         raise RunError(f"run directory {run_dir} not found; pass a directory written by `dinodpmm run` or `dinodpmm fit`.")
     for name in (CONFIG_FILE, POSTERIOR_FILE):
@@ -77,12 +84,18 @@ def load_run(run_dir: str | Path) -> tuple[Config, Posterior, Backbone]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """Return the JSON object in ``path``, or None when the file does not exist."""
     if not path.is_file():
         return None
+    command = "evaluate" if path.name == EVALUATION_FILE else "run"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunError(f"{path} is not valid JSON ({error}); rerun `dinodpmm run` to rewrite it.") from None
+        raise RunError(f"{path} is not valid JSON ({error}); rerun `dinodpmm {command}` to rewrite it.") from None
+    if not isinstance(document, dict):
+        raise RunError(f"{path} holds a JSON {type(document).__name__}, not an object; rerun `dinodpmm {command}` "
+                       "to rewrite it.")
+    return document
 
 
 # -- evaluate ----------------------------------------------------------------------------------------
@@ -115,6 +128,10 @@ def evaluate_run(run_dir: str | Path, *, memory_bank: bool = False, progress: bo
     """
     run_dir = Path(run_dir)
     config, posterior, backbone = load_run(run_dir)
+    _check_writable(run_dir / EVALUATION_FILE)
+    if not Path(config.data.root).is_dir():
+        raise RunError(f"dataset root {config.data.root} of the run not found; if the data moved, set data.root "
+                       f"in {run_dir / CONFIG_FILE}.")
     if not memory_bank:
         config = dataclasses.replace(config, baseline=dataclasses.replace(config.baseline, memory_bank=False))
     timings: dict[str, float] = {}
@@ -122,11 +139,12 @@ def evaluate_run(run_dir: str | Path, *, memory_bank: bool = False, progress: bo
     changed = _changed_splits(run_dir, posterior, data)
     # Only the memory bank needs the training patches.
     train = embed_role(backbone, data.train, config, "train", progress) if config.baseline.memory_bank else None
-    fitted = FitResult(config, posterior, backbone, data, train, timings)
+    fitted = FitResult(config, posterior, backbone, data, train, timings, posterior_digest(run_dir / POSTERIOR_FILE))
     results, _ = evaluate_methods(fitted, timings, progress)
     document = {method: {k: finite_or_none(v) for k, v in result.metrics.items()} for method, result in results.items()}
     document.update(
         backbone=backbone.describe(),
+        posterior_sha256=fitted.posterior_sha256,
         algorithm=posterior.algorithm,
         score=score_name(config, backbone),
         counts=data.counts(),
@@ -139,9 +157,22 @@ def evaluate_run(run_dir: str | Path, *, memory_bank: bool = False, progress: bo
     return document
 
 
+def _check_writable(path: Path) -> None:
+    """Raise RunError before any work when ``path`` cannot be written."""
+    if path.is_dir():
+        raise RunError(f"{path} is a directory; remove or rename it so that the evaluation can be written there.")
+    if not os.access(path.parent, os.W_OK):
+        raise RunError(f"run directory {path.parent} is not writable; make it writable to write {path.name}.")
+
+
 def _changed_splits(run_dir: Path, posterior: Posterior, data) -> list[str]:
     """Return the roles whose images differ from the fingerprints the run recorded, with a warning for each."""
-    recorded = dict((_read_json(run_dir / METRICS_FILE) or {}).get("data_fingerprints", {}))
+    recorded = (_read_json(run_dir / METRICS_FILE) or {}).get("data_fingerprints", {})
+    if not (isinstance(recorded, dict) and all(isinstance(v, str) for v in recorded.values())):
+        logger.warning("%s has malformed data_fingerprints; the images cannot be compared with the run's",
+                       run_dir / METRICS_FILE)
+        recorded = {}
+    recorded = dict(recorded)
     if "train_fingerprint" in posterior.provenance:
         recorded["train"] = posterior.provenance["train_fingerprint"]
     changed = []
@@ -190,25 +221,52 @@ def normal_reference(run_dir: str | Path) -> NormalReference | None:
 
     ``metrics.json`` (written by ``dinodpmm run``) takes precedence over
     ``evaluation.json`` (written by ``dinodpmm evaluate``, for runs made with ``fit``).
+    A file written for another posterior (one the run directory held before a refit)
+    or whose scores are not finite numbers is skipped with a warning.
     """
     run_dir = Path(run_dir)
+    current = posterior_digest(run_dir / POSTERIOR_FILE) if (run_dir / POSTERIOR_FILE).is_file() else None
     for name in (METRICS_FILE, EVALUATION_FILE):
         document = _read_json(run_dir / name)
-        scores = (document or {}).get("normal_image_scores", {}).get("dpmm")
-        if scores:
-            return NormalReference(np.asarray(scores, dtype=np.float64), name)
+        if document is None:
+            continue
+        recorded = document.get("posterior_sha256")
+        if recorded is not None and recorded != current:
+            logger.warning("ignoring the normal scores of %s: it was written for another posterior", run_dir / name)
+            continue
+        scores = _finite_scores(document.get("normal_image_scores"))
+        if scores is None:
+            logger.warning("ignoring %s: its normal_image_scores are missing or not finite numbers", run_dir / name)
+            continue
+        return NormalReference(scores, name)
     return None
 
 
-def _image_files(paths: Sequence[str | Path], exclude: Path | None = None) -> list[Path]:
-    """List the image files among ``paths`` and in their folders, skipping anything under ``exclude``."""
+def _finite_scores(section) -> np.ndarray | None:
+    """Return the DPMM scores of a ``normal_image_scores`` section as a 1-D float array, or None if malformed."""
+    if not isinstance(section, dict) or not isinstance(section.get("dpmm"), list):
+        return None
+    try:
+        scores = np.asarray(section["dpmm"], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    if scores.ndim != 1 or scores.size == 0 or not np.all(np.isfinite(scores)):
+        return None
+    return scores
+
+
+def _is_overlay(path: Path, out_dir: Path) -> bool:
+    """Return whether ``path`` is an overlay that :func:`score_images` wrote into ``out_dir``."""
+    return OVERLAY_NAME.fullmatch(path.name) is not None and path.resolve().parent == out_dir.resolve()
+
+
+def _image_files(paths: Sequence[str | Path], out_dir: Path) -> list[Path]:
+    """List the image files among ``paths`` and in their folders, skipping the overlays in ``out_dir``."""
     files = []
-    excluded = exclude.resolve() if exclude is not None else None
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and is_image_file(p) and (excluded is None or excluded not in p.resolve().parents)
+                p for p in path.rglob("*") if p.is_file() and is_image_file(p) and not _is_overlay(p, out_dir)
             )
             if not found:
                 raise RunError(f"folder {path} contains no image files; pass image files or a folder of images.")
@@ -241,39 +299,59 @@ def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str 
         The CSV rows: ``path``, ``score`` (the image score), ``threshold`` and
         ``above_threshold`` (empty when the run has no normal validation scores, see
         :func:`normal_reference`), ``normal_percentile`` (percentage of normal
-        validation images scoring lower), ``max_patch_score``, ``overlay`` and
-        ``backbone``.
+        validation images scoring lower), ``max_patch_score``, ``overlay``,
+        ``backbone`` and ``error``. An image that cannot be read or embedded gets a
+        row with only ``path``, ``backbone`` and ``error``, and a logged warning.
+
+    Raises
+    ------
+    RunError
+        If the run cannot be loaded, a path does not exist, or no image could be
+        scored (``scores.csv`` is written first).
     """
     if not 0.0 < fpr < 1.0:
         raise RunError(f"fpr must lie in (0, 1), got {fpr!r}; pass for example 0.05.")
     config, posterior, backbone = load_run(run_dir)
     reference = normal_reference(run_dir)
     threshold = None if reference is None else reference.threshold(fpr)
-    score = score_name(config, backbone)
     out_dir = Path(out_dir)
+    files = _image_files(paths, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    footer = plots.backbone_label(backbone.describe())
     rows = []
-    # Overlays written by an earlier call into a folder that is also an input are not inputs.
-    for index, path in enumerate(_image_files(paths, exclude=out_dir)):
-        image = load_image(path)
-        tokens, grid = backbone.embed([image])
-        scores = patch_scores(posterior, tokens[0], score, config.score.min_weight)
-        value = image_score(scores, config.score.top_fraction)
-        heat = anomaly_map(scores, grid, (image.height, image.width), config.score.sigma)
-        overlay = out_dir / f"{index:04d}_{path.stem}_overlay.png"
-        case = {"title": f"{path.name}: score {value:.4g}", "image": plots.grayscale(image),
-                "mask": np.zeros(heat.shape, dtype=bool), "maps": {"dpmm": heat}}
-        plots.plot_overlays([case], overlay, footer)
-        rows.append({
-            "path": str(path), "score": value,
-            "threshold": "" if threshold is None else threshold,
-            "above_threshold": "" if threshold is None else bool(value > threshold),
-            "normal_percentile": "" if reference is None else reference.percentile(value),
-            "max_patch_score": float(scores.max()), "overlay": overlay.name, "backbone": backbone.name,
-        })
+    for index, path in enumerate(files):
+        row = {"path": str(path), "score": "", "threshold": "" if threshold is None else threshold,
+               "above_threshold": "", "normal_percentile": "", "max_patch_score": "", "overlay": "",
+               "backbone": backbone.name, "error": ""}
+        try:
+            value, max_patch_score, overlay = _score_image(path, out_dir / f"{index:04d}_{path.stem}_overlay.png",
+                                                           config, posterior, backbone)
+        except (ImageReadError, OSError, ValueError) as error:
+            # One unreadable image must not discard the scores of the others.
+            logger.warning("skipped %s: %s", path, error)
+            row["error"] = str(error).splitlines()[0]
+        else:
+            row.update(score=value, max_patch_score=max_patch_score, overlay=overlay.name)
+            if reference is not None:
+                row.update(above_threshold=bool(value > threshold), normal_percentile=reference.percentile(value))
+        rows.append(row)
     _write_rows(out_dir / SCORES_FILE, rows)
+    if all(row["error"] for row in rows):
+        raise RunError(f"none of the {len(rows)} images could be scored; the first failed with: {rows[0]['error']}")
     return rows
+
+
+def _score_image(path: Path, overlay: Path, config: Config, posterior: Posterior,
+                 backbone: Backbone) -> tuple[float, float, Path]:
+    """Score one image, draw its overlay, and return the image score, the max patch score and the overlay path."""
+    image = load_image(path)
+    tokens, grid = backbone.embed([image])
+    scores = patch_scores(posterior, tokens[0], score_name(config, backbone), config.score.min_weight)
+    value = image_score(scores, config.score.top_fraction)
+    heat = anomaly_map(scores, grid, (image.height, image.width), config.score.sigma)
+    case = {"title": f"{path.name}: score {value:.4g}", "image": plots.grayscale(image),
+            "mask": np.zeros(heat.shape, dtype=bool), "maps": {"dpmm": heat}}
+    plots.plot_overlays([case], overlay, plots.backbone_label(backbone.describe()))
+    return value, float(scores.max()), overlay
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:

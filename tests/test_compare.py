@@ -195,3 +195,14 @@ def test_compare_command_rejects_algorithm(tmp_path, capsys):
     status = main(["compare", str(config), "--algorithms", "svi", "vbem", "--out", str(tmp_path)])
     assert status == 2
     assert "--algorithms takes names from svi, gibbs, online-em, sklearn, got svi vbem" in capsys.readouterr().err
+
+
+def test_compare_command_rejects_out_file(tmp_path, capsys):
+    from dinodpmm.experiments.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lgg_flair.yaml"
+    (tmp_path / "taken").write_text("keep")
+    status = main(["compare", str(config), "--algorithms", "svi", "--out", str(tmp_path / "taken")])
+    assert status == 2
+    assert f"--out {tmp_path / 'taken'} is a file" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "keep"

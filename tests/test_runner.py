@@ -20,7 +20,7 @@ from dinodpmm.experiments.runner import (
     run_experiment,
     split_fingerprint,
 )
-from dinodpmm.experiments.saved_runs import NormalReference, evaluate_run
+from dinodpmm.experiments.saved_runs import NormalReference, evaluate_run, normal_reference
 from dinodpmm.features import Sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -263,3 +263,105 @@ def test_demo_fast(tmp_path, cache_dir):
     for name in FIGURES:
         assert (tmp_path / "demo" / "figures" / f"{name}.png").is_file(), name
     assert 0.0 <= metrics["dpmm"]["image_auroc"] <= 1.0
+
+
+def test_refit_removes_stale_outputs(lgg_run, tmp_path, cache_dir, capsys):
+    run_copy = tmp_path / "run"
+    shutil.copytree(lgg_run, run_copy)
+    status = main(["fit", str(LGG_CONFIG), f"data.root={_lgg_root()}", f"cache.dir={cache_dir}", *SMALL_RUN,
+                   "fit.seed=1", "--out", str(run_copy), "--force"])
+    assert status == 0
+    for name in ("metrics.json", "scores.csv", "figures", "evaluation.json"):
+        assert not (run_copy / name).exists(), name
+    assert (run_copy / "posterior.safetensors").is_file()
+    image = sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0]
+    capsys.readouterr()
+    assert main(["score", str(run_copy), str(image), "--out", str(tmp_path / "scored")]) == 0
+    assert "no threshold" in capsys.readouterr().out
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """Copy a run without the evaluation.json that earlier tests may have added."""
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy, ignore=shutil.ignore_patterns("evaluation.json"))
+    return run_copy
+
+
+def test_normal_reference_ignores_other_posterior(lgg_run, tmp_path, caplog):
+    run_copy = _copy_run(lgg_run, tmp_path)
+    metrics = _metrics(run_copy)
+    metrics["posterior_sha256"] = "0" * 64
+    (run_copy / "metrics.json").write_text(json.dumps(metrics))
+    assert normal_reference(run_copy) is None
+    assert "written for another posterior" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "scores",
+    [[1, 2], None, {"dpmm": 5}, {"dpmm": [[1.0, 2.0]]}, {"dpmm": [None, 1.0]}, {"dpmm": []}, {"dpmm": ["a"]}],
+    ids=["list", "null", "number", "nested", "null-item", "empty", "text"],
+)
+def test_normal_reference_rejects_malformed(lgg_run, tmp_path, caplog, scores):
+    run_copy = _copy_run(lgg_run, tmp_path)
+    metrics = _metrics(run_copy)
+    metrics["normal_image_scores"] = scores
+    (run_copy / "metrics.json").write_text(json.dumps(metrics))
+    assert normal_reference(run_copy) is None
+    assert "normal_image_scores are missing or not finite" in caplog.text
+
+
+def test_score_skips_unreadable_image(lgg_run, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0], folder / "1.png")
+    (folder / "2.png").write_text("not an image")
+    out = tmp_path / "scored"
+    assert main(["score", str(lgg_run), str(folder), "--out", str(out)]) == 0
+    with (out / "scores.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [Path(row["path"]).name for row in rows] == ["1.png", "2.png"]
+    assert rows[0]["error"] == ""
+    assert math.isfinite(float(rows[0]["score"]))
+    assert rows[1]["score"] == ""
+    assert rows[1]["error"] != ""
+    assert "scored 1 images, skipped 1" in capsys.readouterr().out
+
+
+def test_score_all_unreadable_is_error(lgg_run, tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("not an image")
+    status = main(["score", str(lgg_run), str(tmp_path / "bad.png"), "--out", str(tmp_path / "scored")])
+    assert status == 2
+    assert "none of the 1 images could be scored" in capsys.readouterr().err
+    assert (tmp_path / "scored" / "scores.csv").is_file()
+
+
+def test_score_into_input_folder(lgg_run, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0], folder / "scan.png")
+    for _ in range(2):
+        assert main(["score", str(lgg_run), str(folder), "--out", str(folder)]) == 0
+        with (folder / "scores.csv").open() as handle:
+            assert [Path(row["path"]).name for row in csv.DictReader(handle)] == ["scan.png"]
+
+
+def test_score_rejects_empty_out(lgg_run, tmp_path, capsys):
+    status = main(["score", str(lgg_run), str(tmp_path), "--out", ""])
+    assert status == 2
+    assert "--out is empty" in capsys.readouterr().err
+
+
+def test_run_dir_given_as_file(lgg_run, tmp_path, capsys):
+    status = main(["score", str(lgg_run / "posterior.safetensors"), str(tmp_path), "--out", str(tmp_path / "o")])
+    assert status == 2
+    assert f"is a file; pass the directory that contains it ({lgg_run})" in capsys.readouterr().err
+
+
+def test_evaluate_moved_dataset(lgg_run, tmp_path, capsys):
+    run_copy = tmp_path / "run"
+    shutil.copytree(lgg_run, run_copy)
+    config = (run_copy / "config.yaml").read_text()
+    (run_copy / "config.yaml").write_text(config.replace(str(_lgg_root()), str(tmp_path / "moved")))
+    assert main(["evaluate", str(run_copy)]) == 2
+    error = capsys.readouterr().err
+    assert f"set data.root in {run_copy / 'config.yaml'}" in error
