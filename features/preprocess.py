@@ -21,7 +21,9 @@ The pipeline for one image, in order:
 3. Replicate a single channel to three.
 4. Resize so that the shorter edge equals ``resolution`` (bicubic, antialiased, in float),
    computing the longer edge as ``int(resolution * long / short)`` as torchvision's
-   ``Resize`` does, then clamp to ``[0, 1]`` to remove bicubic overshoot.
+   ``Resize`` does, then clamp to ``[0, 1]`` to remove bicubic overshoot. Before the
+   resize, an image whose patch grid would exceed :data:`MAX_PATCHES` raises ValueError,
+   because the longer edge grows with the aspect ratio.
 5. Centre-crop each side to the largest multiple of ``patch_size`` (the crop removes the
    same number of pixels from both ends, one more from the bottom or right when the
    excess is odd). A 256x256 slice becomes 448x448 and a 32x32 patch grid.
@@ -46,6 +48,13 @@ RESIZE_RULE = "shorter-edge bicubic antialias, long edge truncated"
 
 DEFAULT_RESOLUTION = 448
 DEFAULT_PATCH_SIZE = 14
+
+# Largest patch grid an image may produce: 65,536 patches, a 256 x 256 grid. At the
+# default resolution of 448 the shorter side has 32 patches, so the limit admits aspect
+# ratios up to 64:1, and square images up to resolution 3584. At the limit the preprocessed float32 RGB image has 65,536 * 14 * 14 pixels
+# (12.8 million, 154 MB). Without a limit, a 30000 x 3 pixel image resizes to
+# 4,480,000 x 448 pixels and a grid of 10,240,000 patches, which exhausts memory.
+MAX_PATCHES = 65_536
 
 _EIGHT_BIT_MAX = 255.0
 _SIXTEEN_BIT_MAX = 65535.0
@@ -72,14 +81,24 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(
+            f"cannot read image file '{os.fspath(path)}': {_sentence(err)}. Crop or tile the "
+            "image, or, if the file is trusted, raise PIL.Image.MAX_IMAGE_PIXELS."
+        ) from err
+    except (OSError, ValueError, SyntaxError) as err:
         # Pillow raises SyntaxError for some malformed headers and ValueError for some
         # truncated payloads, besides OSError.
         raise ImageReadError(
-            f"cannot read image file '{os.fspath(path)}': {err}. Check that the file exists "
-            "and is an image Pillow can open (PNG, JPEG, TIFF, ...)."
+            f"cannot read image file '{os.fspath(path)}': {_sentence(err)}. Check that the "
+            "file exists and is an image Pillow can open (PNG, JPEG, TIFF, ...)."
         ) from err
     return image
+
+
+def _sentence(err: Exception) -> str:
+    """Return an exception's message without a final period, to embed it in a sentence."""
+    return str(err).rstrip(".")
 
 
 def grid_shape(
@@ -97,10 +116,62 @@ def grid_shape(
         Length of the shorter edge after resizing, in pixels.
     patch_size : int
         Side of one patch in pixels.
+
+    Raises
+    ------
+    ValueError
+        If a size is invalid, or the grid would have more than :data:`MAX_PATCHES`
+        patches (an extreme aspect ratio or resolution).
     """
     _check_geometry(resolution, patch_size)
+    grid = _unchecked_grid_shape(image_size, resolution, patch_size)
+    if grid[0] * grid[1] > MAX_PATCHES:
+        raise ValueError(_too_many_patches_message(image_size, grid, resolution, patch_size))
+    return grid
+
+
+def _unchecked_grid_shape(
+    image_size: tuple[int, int], resolution: int, patch_size: int
+) -> tuple[int, int]:
     resized_h, resized_w = resized_shape(image_size, resolution)
     return resized_h // patch_size, resized_w // patch_size
+
+
+def _too_many_patches_message(
+    image_size: tuple[int, int], grid: tuple[int, int], resolution: int, patch_size: int
+) -> str:
+    width, height = image_size
+    problem = (
+        f"image of {width} x {height} pixels (width x height) would give a patch grid of "
+        f"{grid[0]} x {grid[1]} ({grid[0] * grid[1]:,} patches) at resolution {resolution}, "
+        f"more than the limit of {MAX_PATCHES:,} patches"
+    )
+    largest = _largest_resolution_within_limit(image_size, resolution, patch_size)
+    if largest is None:
+        return f"{problem}; crop or tile the image into pieces of a less extreme aspect ratio."
+    return (
+        f"{problem}; crop or tile the image into pieces of a less extreme aspect ratio, or "
+        f"lower the resolution (backbone.resolution in a config) to at most {largest}."
+    )
+
+
+def _largest_resolution_within_limit(
+    image_size: tuple[int, int], resolution: int, patch_size: int
+) -> int | None:
+    """Return the largest resolution below ``resolution`` whose grid fits, or None if none does.
+
+    The number of patches never decreases as the resolution grows, so bisection finds it.
+    """
+    low, high = patch_size, resolution - 1
+    largest = None
+    while low <= high:
+        middle = (low + high) // 2
+        grid_h, grid_w = _unchecked_grid_shape(image_size, middle, patch_size)
+        if grid_h * grid_w <= MAX_PATCHES:
+            largest, low = middle, middle + 1
+        else:
+            high = middle - 1
+    return largest
 
 
 def resized_shape(image_size: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -147,8 +218,9 @@ def preprocess(
     TypeError
         If ``image`` is not a PIL image.
     ValueError
-        If the mode is unsupported, the sizes are invalid, or an ``I`` or ``F`` image is
-        out of range for ``intensity="dtype"``.
+        If the mode is unsupported, the sizes are invalid, the patch grid would have more
+        than :data:`MAX_PATCHES` patches, or an ``I`` or ``F`` image is out of range for
+        ``intensity="dtype"``.
     """
     _check_geometry(resolution, patch_size)
     if not isinstance(image, Image.Image):
@@ -156,6 +228,7 @@ def preprocess(
             f"image must be a PIL.Image.Image, got {type(image).__name__}; open files with "
             "dinodpmm.features.preprocess.load_image."
         )
+    grid_shape(image.size, resolution, patch_size)  # rejects grids above MAX_PATCHES
     pixels = torch.from_numpy(to_unit_array(image, intensity)).permute(2, 0, 1)  # C H W
     if pixels.shape[0] == 1:
         pixels = pixels.expand(3, -1, -1)

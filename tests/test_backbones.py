@@ -385,6 +385,17 @@ def test_embed_rejects_mixed_grids(small_model):
         _reference("dinov2_vits14", small_model).embed(images)
 
 
+@pytest.mark.parametrize("size", [(30000, 3), (3, 30000)], ids=["wide", "tall"])
+def test_embed_rejects_extreme_aspect(small_model, size):
+    # At 112 px the shorter side has 8 patches and the longer one 80000.
+    backbone = _reference("dinov2_vits14", small_model)
+    message = r"would give a patch grid of \d+ x \d+ \(640,000 patches\) at resolution 112, more than"
+    with pytest.raises(ValueError, match=message):
+        backbone.grid_shape(size)
+    with pytest.raises(ValueError, match=message):
+        backbone.embed([Image.new("L", size)])
+
+
 def test_embed_rejects_empty(small_model):
     with pytest.raises(ValueError, match="at least one image"):
         _reference("dinov2_vits14", small_model).embed([])

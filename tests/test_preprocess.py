@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -12,12 +13,16 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from dinodpmm.features.preprocess import (
+    MAX_PATCHES,
     ImageReadError,
     grid_shape,
     load_image,
     preprocess,
     to_unit_array,
 )
+
+# dinodpmm.features exports the function preprocess, which hides the submodule of that name.
+preprocess_module = importlib.import_module("dinodpmm.features.preprocess")
 
 # Outputs computed by different routes that should agree up to float32 rounding of a few
 # operations: the tolerance is a few units of float32 machine epsilon (1.2e-7) relative to
@@ -87,6 +92,64 @@ def test_grid_shape_rejects_small_resolution():
 def test_grid_shape_rejects_empty_image():
     with pytest.raises(ValueError, match="image_size must be"):
         grid_shape((0, 256))
+
+
+EXTREME_CASES = [((30000, 3), 448, (32, 320000)), ((3, 30000), 448, (320000, 32)), ((9000, 20), 448, (32, 14400))]
+
+
+@pytest.mark.parametrize(
+    ("size", "resolution", "grid"), EXTREME_CASES, ids=["wide", "tall", "line-scan"]
+)
+def test_grid_shape_rejects_extreme_aspect(size, resolution, grid):
+    width, height = size
+    message = (
+        rf"image of {width} x {height} pixels \(width x height\) would give a patch grid of "
+        rf"{grid[0]} x {grid[1]} \({grid[0] * grid[1]:,} patches\) at resolution {resolution}, "
+        rf"more than the limit of {MAX_PATCHES:,} patches; crop or tile the image into pieces of a "
+        r"less extreme aspect ratio, or lower the resolution \(backbone\.resolution in a config\) "
+        r"to at most \d+\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        grid_shape(size, resolution)
+
+
+@pytest.mark.parametrize("size", [(30000, 3), (9000, 20)], ids=["wide", "line-scan"])
+def test_suggested_resolution_is_largest(size):
+    with pytest.raises(ValueError) as caught:
+        grid_shape(size, 448)
+    suggested = int(str(caught.value).rsplit(" ", 1)[1].rstrip("."))
+    grid_h, grid_w = grid_shape(size, suggested)
+    assert grid_h * grid_w <= MAX_PATCHES
+    with pytest.raises(ValueError, match="more than the limit"):
+        grid_shape(size, suggested + 1)
+
+
+def test_no_resolution_fits_suggests_crop():
+    with pytest.raises(ValueError, match=r"1,000,000 patches.*aspect ratio\.$") as caught:
+        grid_shape((1_000_000, 1), resolution=14)
+    assert "lower the resolution" not in str(caught.value)
+
+
+# At resolution 448 the shorter side has 32 patches, so 2048 patches along a 28672-pixel
+# longer side reach MAX_PATCHES exactly, and 14 more pixels add a column of patches.
+@pytest.mark.parametrize(
+    ("width", "grid_w"), [(28672, 2048), (28685, 2048)], ids=["at-limit", "below-next-column"]
+)
+def test_grid_at_limit_accepted(width, grid_w):
+    assert grid_shape((width, 448), 448) == (32, grid_w)
+
+
+def test_grid_above_limit_rejected():
+    with pytest.raises(ValueError, match=r"patch grid of 32 x 2049 \(65,568 patches\)"):
+        grid_shape((28686, 448), 448)
+
+
+def test_preprocess_rejects_grid_before_resize(monkeypatch):
+    resized = []
+    monkeypatch.setattr(preprocess_module, "_resize_shorter_edge", lambda *args: resized.append(args))
+    with pytest.raises(ValueError, match="more than the limit of 65,536 patches"):
+        preprocess(Image.new("L", (30000, 3)))
+    assert resized == []
 
 
 def test_preprocess_rejects_non_image():
@@ -268,6 +331,18 @@ def test_load_image_corrupt_file(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
     with pytest.raises(ImageReadError, match="corrupt.png"):
         load_image(path)
+
+
+def test_load_image_decompression_bomb(tmp_path, monkeypatch):
+    path = tmp_path / "large.png"
+    Image.new("L", (30, 10)).save(path)
+    # Pillow raises DecompressionBombError above twice MAX_IMAGE_PIXELS: 300 > 2 * 100.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageReadError, match=r"large\.png': Image size \(300 pixels\) exceeds") as caught:
+        load_image(path)
+    message = str(caught.value)
+    assert "DOS attack. Crop or tile the image" in message
+    assert ".." not in message
 
 
 def test_real_slice_preprocess():
