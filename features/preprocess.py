@@ -51,9 +51,10 @@ DEFAULT_PATCH_SIZE = 14
 
 # Largest patch grid an image may produce: 65,536 patches, a 256 x 256 grid. At the
 # default resolution of 448 the shorter side has 32 patches, so the limit admits aspect
-# ratios up to 64:1, and square images up to resolution 3584. At the limit the preprocessed float32 RGB image has 65,536 * 14 * 14 pixels
-# (12.8 million, 154 MB). Without a limit, a 30000 x 3 pixel image resizes to
-# 4,480,000 x 448 pixels and a grid of 10,240,000 patches, which exhausts memory.
+# ratios up to 64:1, and square images up to resolution 3584. At the limit the
+# preprocessed float32 RGB image has 65,536 * 14 * 14 pixels (12.8 million, 154 MB).
+# Without a limit, a 30000 x 3 pixel image resizes to 4,480,000 x 448 pixels and a
+# grid of 10,240,000 patches, which exhausts memory.
 MAX_PATCHES = 65_536
 
 _EIGHT_BIT_MAX = 255.0
