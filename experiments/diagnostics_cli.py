@@ -145,7 +145,8 @@ def run_compare(args: argparse.Namespace) -> int:
     algorithms = list(dict.fromkeys(name for name in args.algorithms if "=" not in name))
     unknown = [name for name in algorithms if name not in ALGORITHMS]
     if unknown or not algorithms:
-        return _error(f"--algorithms takes names from {', '.join(ALGORITHMS)}, got {' '.join(args.algorithms)}.")
+        given = " ".join(unknown) if unknown else "none"
+        return _error(f"--algorithms takes names from {', '.join(ALGORITHMS)}, got {given}.")
     if not Path(args.config).is_file():
         return _error(f"config file not found: {args.config}; pass a YAML experiment configuration.")
     out_dir = Path(args.out) if args.out is not None else Path(f"compare-{Path(args.config).stem}")

@@ -23,6 +23,8 @@ from ..features.backbones import OFFLINE_BACKBONES
 METHOD_COLORS = {"dpmm": "tab:blue", "memory_bank": "tab:orange"}
 METHOD_LABELS = {"dpmm": "DPMM", "memory_bank": "memory bank"}
 _DPI = 120
+# Longest side, in pixels, of an image drawn in an overlay panel (see _display_size).
+_MAX_DISPLAY_SIDE = 1024
 # Unit of the x axis of each algorithm's trace.
 _TRACE_UNITS = {"svi": "step", "gibbs": "sweep", "online-em": "epoch"}
 
@@ -75,11 +77,29 @@ def plot_overlays(cases: Sequence[Mapping[str, Any]], path: Path, footer: str) -
     columns = 1 + len(methods)
     figure = Figure(figsize=(3.2 * columns, 3.2 * max(len(cases), 1) + 0.4), layout="constrained")
     axes = figure.subplots(max(len(cases), 1), columns, squeeze=False)
-    for row, case in enumerate(cases):
+    for row, case in enumerate(map(_display_size, cases)):
         _show_image(axes[row, 0], case["image"], case["mask"], case["title"])
         for column, method in enumerate(methods, start=1):
             _show_map(axes[row, column], case, method)
     return _finish(figure, path, footer)
+
+
+def _display_size(case: Mapping[str, Any]) -> dict[str, Any]:
+    """Subsample a case's image, mask and maps by a whole stride to at most ``_MAX_DISPLAY_SIDE`` pixels a side.
+
+    A panel is about 400 pixels wide at the figure's resolution, so the subsampling
+    changes nothing visible, while matplotlib's RGBA copies of an 8000 x 8000 image
+    would take gigabytes.
+    """
+    stride = max(1, -(-max(case["image"].shape) // _MAX_DISPLAY_SIDE))  # ceiling division
+    if stride == 1:
+        return dict(case)
+
+    def shrink(array: np.ndarray) -> np.ndarray:
+        return np.asarray(array)[::stride, ::stride]
+
+    return {**case, "image": shrink(case["image"]), "mask": shrink(case["mask"]),
+            "maps": {method: shrink(heat) for method, heat in case["maps"].items()}}
 
 
 def _show_image(ax, image: np.ndarray, mask: np.ndarray, title: str) -> None:

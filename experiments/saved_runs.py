@@ -46,6 +46,8 @@ from .scoring import anomaly_map, image_score, patch_scores
 logger = logging.getLogger(__name__)
 
 EVALUATION_FILE = "evaluation.json"
+# Backbone.describe() keys that must match between the fit and later scoring.
+BACKBONE_IDENTITY = ("name", "weights_digest", "resolution")
 # Overlays that score_images writes: "<4-digit index>_<image stem>_overlay.png".
 OVERLAY_NAME = re.compile(r"\d{4}_.*_overlay\.png")
 # False-positive rate on the normal validation images that sets the threshold of `score`.
@@ -80,7 +82,21 @@ def load_run(run_dir: str | Path) -> tuple[Config, Posterior, Backbone]:
         posterior = Posterior.load(run_dir / POSTERIOR_FILE, expected_dim=backbone.dim)
     except ValueError as error:
         raise RunError(str(error)) from None
+    _check_backbone(posterior, backbone, run_dir)
     return config, posterior, backbone
+
+
+def _check_backbone(posterior: Posterior, backbone: Backbone, run_dir: Path) -> None:
+    """Raise RunError when the config's backbone differs from the one the posterior was fitted with."""
+    fitted = posterior.provenance.get("backbone")
+    if not isinstance(fitted, dict):
+        return
+    current = backbone.describe()
+    differing = [key for key in BACKBONE_IDENTITY if key in fitted and fitted[key] != current.get(key)]
+    if differing:
+        changes = ", ".join(f"{key} {fitted[key]!r} at the fit, {current.get(key)!r} now" for key in differing)
+        raise RunError(f"the backbone in {run_dir / CONFIG_FILE} differs from the one the posterior was fitted with "
+                       f"({changes}); restore the backbone settings or refit the run.")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

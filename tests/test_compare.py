@@ -194,7 +194,7 @@ def test_compare_command_rejects_algorithm(tmp_path, capsys):
     config = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "lgg_flair.yaml"
     status = main(["compare", str(config), "--algorithms", "svi", "vbem", "--out", str(tmp_path)])
     assert status == 2
-    assert "--algorithms takes names from svi, gibbs, online-em, sklearn, got svi vbem" in capsys.readouterr().err
+    assert "--algorithms takes names from svi, gibbs, online-em, sklearn, got vbem." in capsys.readouterr().err
 
 
 def test_compare_command_rejects_out_file(tmp_path, capsys):

@@ -365,3 +365,15 @@ def test_evaluate_moved_dataset(lgg_run, tmp_path, capsys):
     assert main(["evaluate", str(run_copy)]) == 2
     error = capsys.readouterr().err
     assert f"set data.root in {run_copy / 'config.yaml'}" in error
+
+
+def test_score_rejects_changed_backbone(lgg_run, tmp_path, capsys):
+    run_copy = _copy_run(lgg_run, tmp_path)
+    config = (run_copy / "config.yaml").read_text()
+    assert "resolution: 448" in config
+    (run_copy / "config.yaml").write_text(config.replace("resolution: 448", "resolution: 224"))
+    status = main(["score", str(run_copy), str(tmp_path), "--out", str(tmp_path / "o")])
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "differs from the one the posterior was fitted with (weights_digest" in error
+    assert "resolution 448 at the fit, 224 now" in error
