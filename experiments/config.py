@@ -5,7 +5,9 @@ A configuration is a tree of sections (``data``, ``backbone``, ``cache``, ``fit`
 their default and their constraint. :func:`load_config` reads a YAML file, applies
 ``key=value`` overrides such as ``fit.truncation=50`` and checks every value. Unknown
 or repeated keys and invalid values raise :class:`ConfigError`, whose message names the
-key, the value and the constraint.
+key, the value and the constraint. An override sets one value: a key that names a whole
+section, such as ``fit=null``, raises ConfigError, because replacing the section would
+silently drop every value the file sets in it.
 
 Relative paths (``data.root``, ``backbone.weights``, ``cache.dir``) resolve against the
 current working directory, not against the configuration file, so the shipped configs
@@ -390,18 +392,54 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of the nested dict ``raw`` with each ``key=value`` override set."""
+    """Return a copy of the nested dict ``raw`` with each ``key=value`` override set.
+
+    Raises
+    ------
+    ConfigError
+        If an override is malformed, names a whole section (``fit=null``, ``fit={}``), or
+        continues below a key that is a value, not a section.
+    """
     result = _deep_copy(raw)
     for text in overrides:
         path, value = parse_override(text)
+        _reject_section_override(path, text)
         node = result
-        for part in path[:-1]:
+        for depth, part in enumerate(path[:-1], start=1):
+            # A section left empty in the file (``fit:``) is null and means all defaults.
+            if node.get(part) is None and _section_named(path[:depth]) is not None:
+                node[part] = {}
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"invalid override {text!r}: {part} is a value, not a section.")
             node = child
         node[path[-1]] = value
     return result
+
+
+def _reject_section_override(path: Sequence[str], text: str) -> None:
+    """Raise ConfigError when the dotted key ``path`` names a section, not a value."""
+    section = _section_named(path)
+    if section is None:
+        return
+    key = ".".join(path)
+    keys = valid_keys(section, key + ".")
+    raise ConfigError(
+        f"invalid override {text!r}: {key} is a section, which an override cannot replace "
+        f"as a whole; override its keys one by one, for example {keys[0]}=VALUE. "
+        f"Keys of {key}: {', '.join(keys)}."
+    )
+
+
+def _section_named(path: Sequence[str]) -> type | None:
+    """Return the dataclass of the section at ``path``, or None if ``path`` is not a section."""
+    cls = Config
+    for part in path:
+        field = next((field for field in dataclasses.fields(cls) if field.name == part), None)
+        if field is None or not field.metadata.get("section"):
+            return None
+        cls = _section_type(cls, field)
+    return cls
 
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -505,8 +543,8 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     FileNotFoundError
         If ``path`` does not exist.
     ConfigError
-        If a key is unknown or repeated, a value is invalid, or the file is not UTF-8
-        text or not valid YAML.
+        If a key is unknown or repeated, a value is invalid, an override names a whole
+        section, or the file is not UTF-8 text or not valid YAML.
     """
     raw = read_yaml(path) if path is not None else {}
     return config_from_dict(apply_overrides(raw, overrides))

@@ -234,3 +234,13 @@ def test_parser_builds_without_torch():
     code = "import sys, dinodpmm.experiments.cli as cli; cli.build_parser(); print(sorted({'torch', 'timm'} & set(sys.modules)))"
     output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert output.strip() == "[]"
+
+
+@pytest.mark.parametrize("override", ["fit=null", "fit={}"], ids=["null", "empty-mapping"])
+def test_section_override_is_user_error(tmp_path, capsys, override):
+    status = main(["run", str(LGG_CONFIG), override, "fit.truncation=7", "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    line = _error_line(capsys)
+    assert line.startswith(f"error: invalid override '{override}': fit is a section, which an override cannot ")
+    assert "override its keys one by one, for example fit.algorithm=VALUE. Keys of fit: fit.algorithm, " in line
+    assert not (tmp_path / "run").exists()

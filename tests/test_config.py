@@ -101,6 +101,49 @@ def test_override_into_value_rejected():
         apply_overrides({}, ["fit.truncation=3", "fit.truncation.x=1"])
 
 
+SECTION_OVERRIDES = [
+    ("fit=null", "fit", "fit.algorithm"),
+    ("fit={}", "fit", "fit.algorithm"),
+    ("fit={truncation: 7}", "fit", "fit.algorithm"),
+    ("data=", "data", "data.root"),
+    ("fit.gibbs=null", "fit.gibbs", "fit.gibbs.num_chains"),
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "section", "first_key"),
+    SECTION_OVERRIDES,
+    ids=["null", "empty-mapping", "mapping", "empty-value", "nested"],
+)
+def test_section_override_rejected(override, section, first_key):
+    keys = [key for key in valid_keys() if key.startswith(section + ".")]
+    message = (
+        f"invalid override {override!r}: {section} is a section, which an override cannot replace as a "
+        f"whole; override its keys one by one, for example {first_key}=VALUE. "
+        f"Keys of {section}: {', '.join(keys)}."
+    )
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_config(None, [override])
+
+
+def test_section_override_before_key_rejected(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("fit:\n  truncation: 40\n")
+    with pytest.raises(ConfigError, match=r"^invalid override 'fit=null': fit is a section"):
+        load_config(path, ["fit=null", "fit.truncation=7"])
+
+
+@pytest.mark.parametrize(
+    "text", ["fit:\n", "fit: {}\n", "fit:\n  gibbs:\n"], ids=["null", "empty-mapping", "nested-null"]
+)
+def test_empty_section_in_file_accepted(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    config = load_config(path, ["fit.truncation=7", "fit.gibbs.num_chains=2"])
+    assert config.fit.truncation == 7
+    assert config.fit.gibbs.num_chains == 2
+
+
 def test_section_must_be_mapping():
     with pytest.raises(ConfigError, match=r"section fit must be a mapping"):
         config_from_dict({"fit": 3})
