@@ -2,8 +2,9 @@
 
 :func:`locate_weights` looks for a checkpoint in this order and stops at the first hit:
 
-1. the file the caller passes (``weights=PATH``, ``--weights PATH`` on the command line).
-   A path that does not exist is an error, never a reason to look elsewhere;
+1. the file the caller passes: ``weights=PATH`` in Python, the config key
+   ``backbone.weights``, or ``--weights PATH`` of ``dinodpmm embed``. A path that does
+   not exist is an error, never a reason to look elsewhere;
 2. the torch hub cache, ``$TORCH_HOME/hub/checkpoints/<arch>_pretrain.pth``, where
    ``torch.hub.load`` and ``torch.hub.load_state_dict_from_url`` store Meta's files;
 3. the Hugging Face hub cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``) for the timm
@@ -328,13 +329,16 @@ def _try_download(spec: CheckpointSpec) -> tuple[WeightsLocation | None, str]:
 
 
 def _not_found_message(name: str, spec: CheckpointSpec, attempts: list[str]) -> str:
+    """Return the message: what to do on its first line, then one line per place searched."""
     places = "\n".join(f"  - {attempt}" for attempt in attempts)
     return (
-        f"no pretrained weights found for backbone '{name}'. Searched:\n{places}\n"
-        f"Download {spec.meta_url} (or {spec.hf_repo_id} from the Hugging Face hub) on "
-        f"a machine with internet access, then pass the file with --weights PATH "
-        f"(Python: load_backbone('{name}', weights=PATH)) or copy it to "
-        f"{torch_hub_checkpoint_path(spec)}."
+        f"no pretrained weights found for backbone '{name}'. Download {spec.meta_url} (or "
+        f"{spec.hf_repo_id} from the Hugging Face hub) on a machine with internet access, "
+        f"then copy it to {torch_hub_checkpoint_path(spec)}, where every command finds it, "
+        "or pass its path: backbone.weights=PATH in a config file or as a key=value override "
+        "(dinodpmm run and fit; score and evaluate read the run's config.yaml), --weights PATH "
+        f"(dinodpmm embed), or load_backbone('{name}', weights=PATH) in Python. "
+        f"Searched:\n{places}"
     )
 
 

@@ -275,8 +275,20 @@ def test_no_weights_error(empty_caches, tmp_path):
     assert "timm/vit_small_patch14_dinov2.lvd142m" in message
     assert str(tmp_path / "hf") in message
     assert "network is unreachable" in message
-    assert "--weights PATH" in message
     assert empty_caches == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"]
+
+
+def test_no_weights_error_names_options(empty_caches, tmp_path):
+    with pytest.raises(WeightsNotFoundError) as caught:
+        load_backbone("dinov2_vits14")
+    first_line = str(caught.value).splitlines()[0]
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "dinov2_vits14_pretrain.pth"
+    assert f"then copy it to {cached}, where every command finds it" in first_line
+    assert "backbone.weights=PATH in a config file or as a key=value override (dinodpmm run and fit;" in first_line
+    assert "score and evaluate read the run's config.yaml)" in first_line
+    assert "--weights PATH (dinodpmm embed)" in first_line
+    assert "load_backbone('dinov2_vits14', weights=PATH) in Python" in first_line
+    assert first_line.endswith("Searched:")
 
 
 def test_no_download_when_disabled(empty_caches):

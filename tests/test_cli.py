@@ -244,3 +244,23 @@ def test_section_override_is_user_error(tmp_path, capsys, override):
     assert line.startswith(f"error: invalid override '{override}': fit is a section, which an override cannot ")
     assert "override its keys one by one, for example fit.algorithm=VALUE. Keys of fit: fit.algorithm, " in line
     assert not (tmp_path / "run").exists()
+
+
+def test_missing_weights_names_config_key(tmp_path, capsys, monkeypatch):
+    from dinodpmm.features import checkpoints
+
+    def failing_download(url, destination):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(checkpoints, "download_checkpoint", failing_download)
+    root = _tiny_mvtec(tmp_path / "data", train_images=10)
+    status = main(["fit", str(LGG_CONFIG), f"data.root={root}", "data.layout=mvtec", "backbone.name=dinov2_vits14",
+                   f"cache.dir={tmp_path / 'cache'}", "--out", str(tmp_path / "run")])
+    assert status == EXIT_USER_ERROR
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: no pretrained weights found for backbone 'dinov2_vits14'. Download ")
+    assert "or pass its path: backbone.weights=PATH in a config file or as a key=value override" in errors[0]
+    assert "--weights PATH (dinodpmm embed)" in errors[0]
