@@ -38,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .base import Backbone
+from .preprocess import grid_shape
 
 __all__ = ["OfflineBackbone", "FEATURE_NAMES"]
 
@@ -198,9 +199,17 @@ class OfflineBackbone(Backbone):
         }
 
     def grid_shape(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """Return ``(grid_h, grid_w)`` for an image of ``(width, height)`` pixels."""
-        new_width, new_height = _resized_size(image_size, self.resolution)
-        return new_height // PATCH_SIZE, new_width // PATCH_SIZE
+        """Return ``(grid_h, grid_w)`` for an image of ``(width, height)`` pixels.
+
+        The DINOv2 backbones compute the same grid, with the same check.
+
+        Raises
+        ------
+        ValueError
+            If the grid would have more than
+            :data:`~dinodpmm.features.preprocess.MAX_PATCHES` patches.
+        """
+        return grid_shape(image_size, self.resolution, PATCH_SIZE)
 
     def embed(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, tuple[int, int]]:
         """Embed images that share one patch grid after preprocessing.

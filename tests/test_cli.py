@@ -264,3 +264,23 @@ def test_missing_weights_names_config_key(tmp_path, capsys, monkeypatch):
     assert errors[0].startswith("error: no pretrained weights found for backbone 'dinov2_vits14'. Download ")
     assert "or pass its path: backbone.weights=PATH in a config file or as a key=value override" in errors[0]
     assert "--weights PATH (dinodpmm embed)" in errors[0]
+
+
+def test_score_rejects_extreme_aspect(tmp_path, capsys):
+    dim = load_backbone("offline").dim
+    data = np.random.default_rng(0).normal(size=(200, dim)).astype(np.float32)
+    fit_svi(data, truncation=3, num_steps=2, batch_size=50, init_subsample=200, progress=False).save(
+        tmp_path / "posterior.safetensors")
+    save_config(load_config(None, ["backbone.name=offline"]), tmp_path / "config.yaml")
+    image = tmp_path / "strip.png"
+    Image.new("L", (30000, 3)).save(image)
+    status = main(["score", str(tmp_path), str(image), "--out", str(tmp_path / "out")])
+    assert status == EXIT_USER_ERROR
+    line = _error_line(capsys)
+    assert line.startswith("error: ")
+    assert line.endswith(
+        "image of 30000 x 3 pixels (width x height) would give a patch grid of 32 x 320000 "
+        "(10,240,000 patches) at resolution 448, more than the limit of 65,536 patches; crop or tile "
+        "the image into pieces of a less extreme aspect ratio, or lower the resolution "
+        "(backbone.resolution in a config) to at most 41."
+    )

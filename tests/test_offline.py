@@ -14,6 +14,7 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
+from dinodpmm.features import load_backbone
 from dinodpmm.features.base import Backbone
 from dinodpmm.features.offline import FEATURE_NAMES, OfflineBackbone
 
@@ -301,3 +302,14 @@ def test_lgg_tumour_patches_score_higher(backbone):
     count = len(tumours)
     null_std = math.sqrt((2 * count + 1) / (12 * count**2))
     assert auroc > 0.5 + 3 * null_std, f"patch AUROC {auroc:.3f}"
+
+
+@pytest.mark.parametrize("name", ["offline", "offline-texture"], ids=["offline", "texture"])
+@pytest.mark.parametrize("size", [(30000, 3), (3, 30000)], ids=["wide", "tall"])
+def test_embed_rejects_extreme_aspect(name, size):
+    backbone = load_backbone(name)
+    message = r"would give a patch grid of \d+ x \d+ \(10,240,000 patches\) at resolution 448, more than"
+    with pytest.raises(ValueError, match=message):
+        backbone.grid_shape(size)
+    with pytest.raises(ValueError, match=message):
+        backbone.embed([Image.new("L", size)])
