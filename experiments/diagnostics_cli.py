@@ -7,9 +7,11 @@ function ``(args) -> int`` stored as ``args.handler``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +137,9 @@ def _print_summary(idata) -> None:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Fit ``args.algorithms`` on the embeddings of ``args.config`` and write the comparison."""
+    from .compare import ALGORITHMS, markdown_table
     from .config import ConfigError, load_config
     from .runner import RunError
-
-    from .compare import ALGORITHMS
 
     overrides = [*args.overrides, *(name for name in args.algorithms if "=" in name)]
     # dict.fromkeys drops repeated names and keeps the order.
@@ -154,21 +155,61 @@ def run_compare(args: argparse.Namespace) -> int:
         return _error(f"--out {out_dir} is a file; pass a directory for the comparison.")
     try:
         config = load_config(args.config, overrides)
-        rows, backbone = _compare_from_config(config, algorithms)
+        comparison = _prepare_comparison(config)
     except (ConfigError, RunError, FileNotFoundError) as error:
         return _error(str(error))
-    for path in _write_comparison(rows, out_dir, backbone):
+    rows = []
+    for name in algorithms:
+        # Fits take from seconds to many minutes, so each one is announced, and the
+        # table is rewritten after each so that an interrupted run keeps its rows.
+        print(f"fitting {name} on {comparison.train_description(name)} ...", flush=True)
+        rows += comparison.run(name)
+        print(f"{name}: fitted in {rows[-1]['wall_time_s']:.1f} s, image AUROC {rows[-1]['image_auroc']:.4f}, "
+              f"pixel AUROC {rows[-1]['pixel_auroc']:.4f}", flush=True)
+        paths = _write_comparison(rows, out_dir, comparison.backbone)
+    print(markdown_table(rows))
+    for path in paths:
         print(f"wrote {path}")
     return 0
 
 
-def _compare_from_config(config, algorithms):
-    """Embed the images of ``config`` once and compare ``algorithms`` on them."""
+@dataclasses.dataclass
+class _Comparison:
+    """The embeddings, options and evaluation shared by every algorithm of one comparison."""
+
+    train: Any
+    heldout: Any
+    options: dict
+    evaluate: Any
+    backbone: str
+
+    def train_description(self, name: str) -> str:
+        """Describe the training patches ``name`` sees, for the progress line."""
+        total = len(self.train)
+        if name == "gibbs":
+            gibbs = self.options["gibbs"]
+            seen = total if gibbs["subsample"] is None else min(gibbs["subsample"], total)
+            return f"{seen} of {total} patches, {gibbs['num_chains']} chains of {gibbs['num_sweeps']} sweeps"
+        if name == "sklearn":
+            subsample = self.options["sklearn"]["subsample"]
+            seen = total if subsample is None else min(subsample, total)
+            return f"{seen} of {total} patches, at most {self.options['sklearn']['max_iter']} iterations"
+        return f"{total} patches"
+
+    def run(self, name: str) -> list[dict]:
+        """Fit ``name`` and return its row of the comparison."""
+        from .compare import compare_algorithms
+
+        return compare_algorithms(self.train, self.heldout, [name], self.options, evaluate=self.evaluate)
+
+
+def _prepare_comparison(config) -> _Comparison:
+    """Embed the images of ``config`` once and collect what every algorithm's fit needs."""
     import numpy as np
 
     from ..features import EmbeddingCache, embed_split
     from ..inference.diagnostics import backbone_label
-    from .compare import compare_algorithms
+    from .compare import merged_options
     from .config import resolve_paths
     from .runner import backbone_from_config, evaluate_method, image_offsets, prepare_data, score_name
     from .scoring import patch_scores
@@ -208,8 +249,8 @@ def _compare_from_config(config, algorithms):
         "sklearn": {"alpha": fit.alpha, "max_iter": fit.sklearn.max_iter, "subsample": fit.sklearn.subsample},
     }
     heldout = np.asarray(splits["threshold"].patches, dtype=np.float32)
-    rows = compare_algorithms(splits["train"].patches, heldout, algorithms, options, evaluate=evaluate)
-    return rows, backbone_label(backbone.describe())
+    return _Comparison(splits["train"].patches, heldout, merged_options(options), evaluate,
+                       backbone_label(backbone.describe()))
 
 
 def _write_comparison(rows, out_dir: Path, backbone: str) -> list[Path]:
@@ -218,6 +259,5 @@ def _write_comparison(rows, out_dir: Path, backbone: str) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown_path = out_dir / "comparison.md"
     markdown_path.write_text(markdown_table(rows))
-    print(markdown_table(rows))
     return [markdown_path, write_csv(rows, out_dir / "comparison.csv"),
             plot_comparison(rows, out_dir / "comparison.png", backbone=backbone)]

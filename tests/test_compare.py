@@ -186,6 +186,9 @@ def test_compare_command_on_brain_mri(lgg_root, tmp_path, capsys):
         assert 0.0 <= float(row["pixel_auroc"]) <= 1.0, row["algorithm"]
     assert (out / "comparison.png").stat().st_size > 0
     assert "| svi |" in (out / "comparison.md").read_text()
+    output = capsys.readouterr().out
+    assert "fitting gibbs on 300 of " in output
+    assert "sklearn: fitted in " in output
 
 
 def test_compare_command_rejects_algorithm(tmp_path, capsys):
