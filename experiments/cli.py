@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("run_dir", metavar="RUN_DIR", help="directory written by `dinodpmm run` or `dinodpmm fit`")
     score.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files or folders of images")
     score.add_argument("--out", required=True, metavar="DIR", help="directory for scores.csv and the overlays")
+    score.add_argument("--force", action="store_true",
+                       help="replace the scores.csv and overlays of an earlier `score` in --out")
     score.add_argument("--fpr", type=float, default=DEFAULT_SCORE_FPR,
                        help="fraction of the run's normal validation images allowed above the threshold "
                             f"(default: {DEFAULT_SCORE_FPR})")
@@ -193,7 +195,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from .runner import SCORES_FILE
-    from .saved_runs import normal_reference, score_images
+    from .saved_runs import earlier_scores, normal_reference, score_images
 
     if not args.out.strip():
         raise UserError("--out is empty; pass the directory for scores.csv and the overlays.")
@@ -202,6 +204,12 @@ def _score(args: argparse.Namespace) -> int:
         raise UserError(f"--out {args.out} is a run directory; write the scores of new images to another folder.")
     if not 0.0 < args.fpr < 1.0:
         raise UserError(f"--fpr must lie in (0, 1), got {args.fpr}; pass for example 0.05.")
+    earlier = earlier_scores(out)
+    if earlier and not args.force:
+        raise UserError(f"--out {args.out} already holds the output of an earlier `score` ({len(earlier)} files); "
+                        "choose another folder or pass --force to replace it.")
+    for path in earlier:
+        path.unlink()
     rows = score_images(args.run_dir, args.images, args.out, fpr=args.fpr)
     reference = normal_reference(args.run_dir)
     print(f"run {args.run_dir}, backbone {rows[0]['backbone']}")
@@ -221,7 +229,8 @@ def _score(args: argparse.Namespace) -> int:
         flag = "anomalous" if row["above_threshold"] is True else ""
         print(f"{row['score']:12.6g}{percentile:>10}  {flag:<10} {row['path']}")
     skipped = sum(bool(row["error"]) for row in rows)
-    print(f"scored {len(rows) - skipped} images" + (f", skipped {skipped}" if skipped else "")
+    scored = len(rows) - skipped
+    print(f"scored {scored} image{'' if scored == 1 else 's'}" + (f", skipped {skipped}" if skipped else "")
           + f"; scores and overlays in {out / SCORES_FILE}")
     return 0
 

@@ -276,6 +276,17 @@ def _is_overlay(path: Path, out_dir: Path) -> bool:
     return OVERLAY_NAME.fullmatch(path.name) is not None and path.resolve().parent == out_dir.resolve()
 
 
+def earlier_scores(out_dir: str | Path) -> list[Path]:
+    """Return the ``scores.csv`` and overlays that an earlier :func:`score_images` call left in ``out_dir``."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = [path for path in out_dir.iterdir() if path.is_file() and OVERLAY_NAME.fullmatch(path.name)]
+    if (out_dir / SCORES_FILE).is_file():
+        found.append(out_dir / SCORES_FILE)
+    return sorted(found)
+
+
 def _image_files(paths: Sequence[str | Path], out_dir: Path) -> list[Path]:
     """List the image files among ``paths`` and in their folders, skipping the overlays in ``out_dir``."""
     files = []
@@ -380,6 +391,7 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 __all__ = [
     "EVALUATION_FILE",
     "NormalReference",
+    "earlier_scores",
     "evaluate_run",
     "load_run",
     "normal_reference",

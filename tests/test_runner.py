@@ -324,7 +324,7 @@ def test_score_skips_unreadable_image(lgg_run, tmp_path, capsys):
     assert math.isfinite(float(rows[0]["score"]))
     assert rows[1]["score"] == ""
     assert rows[1]["error"] != ""
-    assert "scored 1 images, skipped 1" in capsys.readouterr().out
+    assert "scored 1 image, skipped 1" in capsys.readouterr().out
 
 
 def test_score_all_unreadable_is_error(lgg_run, tmp_path, capsys):
@@ -339,10 +339,23 @@ def test_score_into_input_folder(lgg_run, tmp_path, capsys):
     folder = tmp_path / "scans"
     folder.mkdir()
     shutil.copy(sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0], folder / "scan.png")
-    for _ in range(2):
-        assert main(["score", str(lgg_run), str(folder), "--out", str(folder)]) == 0
+    for force in ([], ["--force"]):
+        assert main(["score", str(lgg_run), str(folder), "--out", str(folder), *force]) == 0
         with (folder / "scores.csv").open() as handle:
             assert [Path(row["path"]).name for row in csv.DictReader(handle)] == ["scan.png"]
+    assert len(list(folder.glob("*_overlay.png"))) == 1
+
+
+def test_score_refuses_earlier_scores(lgg_run, tmp_path, capsys):
+    images = sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[:2]
+    out = tmp_path / "scored"
+    assert main(["score", str(lgg_run), *map(str, images), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["score", str(lgg_run), str(images[0]), "--out", str(out)]) == 2
+    assert "already holds the output of an earlier `score` (3 files)" in capsys.readouterr().err
+    assert len(list(out.glob("*_overlay.png"))) == 2
+    assert main(["score", str(lgg_run), str(images[0]), "--out", str(out), "--force"]) == 0
+    assert len(list(out.glob("*_overlay.png"))) == 1
 
 
 def test_score_rejects_empty_out(lgg_run, tmp_path, capsys):
