@@ -122,15 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the pipeline on texture images bundled with scikit-image",
         description="Cut scikit-image's grass photograph into tiles, paste synthetic defects cut from its brick "
                     "photograph into some test tiles (with exact masks), then fit, score, evaluate and plot as "
-                    "`run` does, with the offline backbone. Needs no download.",
+                    "`run` does, with the offline-texture backbone. Needs no download.",
     )
     demo.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"run directory (default: {DEFAULT_DEMO_DIR})")
     demo.add_argument("--fast", action="store_true", help="fewer tiles and steps, for a quick check")
     demo.set_defaults(handler=_demo)
 
-    for command in (run, fit, score, evaluate, demo):
-        _add_verbose(command, default=argparse.SUPPRESS)
     _register_optional(subparsers)
+    for command in subparsers.choices.values():
+        # -v works after the command name too; SUPPRESS keeps the top-level value then.
+        if not any("-v" in action.option_strings for action in command._actions):
+            _add_verbose(command, default=argparse.SUPPRESS)
     return parser
 
 

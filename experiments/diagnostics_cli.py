@@ -24,6 +24,12 @@ FIGURES_DIR = "figures/diagnostics"
 # import torch; a test checks that the two agree.
 COMPARE_ALGORITHMS = ("svi", "gibbs", "online-em", "sklearn")
 
+# Convergence limits that `diagnose` warns about. R-hat below 1.01 is the rule of
+# Vehtari et al. (2019, "Rank-normalization, folding, and localization", arXiv:1903.08008).
+# The bulk-ESS floor of 100 draws per chain is this project's choice.
+MAX_RHAT = 1.01
+MIN_ESS_PER_CHAIN = 100
+
 # Exit status for a user error (missing file or folder, invalid option), as argparse uses.
 USAGE_ERROR = 2
 
@@ -38,13 +44,14 @@ def register(subparsers) -> None:
             f"summary (R-hat, bulk and tail ESS) and write figures under RUN_DIR/{FIGURES_DIR}/."
         ),
     )
-    diagnose.add_argument("run_dir", type=Path, help="run folder that contains posterior.safetensors")
+    diagnose.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder that contains posterior.safetensors")
     diagnose.add_argument(
         "--num-points", type=int, default=None,
         help="points whose occupied components are counted (default: the number the posterior was fitted on)",
     )
-    diagnose.add_argument("--num-samples", type=int, default=1000, help="draws from a variational posterior")
-    diagnose.add_argument("--seed", type=int, default=0, help="seed of the variational draws")
+    diagnose.add_argument("--num-samples", type=int, default=1000,
+                          help="draws from a variational posterior (default: 1000)")
+    diagnose.add_argument("--seed", type=int, default=0, help="seed of the variational draws (default: 0)")
     diagnose.set_defaults(handler=run_diagnose)
 
     compare = subparsers.add_parser(
@@ -56,7 +63,7 @@ def register(subparsers) -> None:
             "log-likelihood, number of components, wall time and image and pixel AUROC."
         ),
     )
-    compare.add_argument("config", type=Path, help="experiment configuration (YAML)")
+    compare.add_argument("config", type=Path, metavar="CONFIG.yaml", help="experiment configuration (YAML)")
     compare.add_argument("overrides", nargs="*", metavar="key=value",
                          help="config overrides with dotted keys, e.g. fit.gibbs.subsample=5000")
     # No argparse `choices`: overrides written after the list land in it and are moved
@@ -131,8 +138,29 @@ def _print_summary(idata) -> None:
     summary, constants = summarize(idata)
     if summary is not None:
         print(summary.to_string())
+        if num_chains >= 2:
+            for line in convergence_warnings(summary, num_chains):
+                print(line)
     for name, value in constants.items():
         print(f"{name} is constant at {value:g} in every draw (no R-hat or ESS)")
+
+
+def convergence_warnings(summary, num_chains: int) -> list[str]:
+    """Return a warning line for each variable of ``summary`` whose R-hat or bulk ESS shows poor mixing.
+
+    R-hat must stay below ``MAX_RHAT`` and the bulk ESS reach ``MIN_ESS_PER_CHAIN``
+    per chain.
+    """
+    lines = []
+    for name, row in summary.iterrows():
+        if row["r_hat"] > MAX_RHAT:
+            lines.append(f"warning: R-hat of {name} is {row['r_hat']:.3g}, above {MAX_RHAT}: the chains have not "
+                         "converged to one distribution; run more sweeps (fit.gibbs.num_sweeps) or a longer burn-in.")
+        if row["ess_bulk"] < MIN_ESS_PER_CHAIN * num_chains:
+            lines.append(f"warning: bulk ESS of {name} is {row['ess_bulk']:.0f}, below {MIN_ESS_PER_CHAIN} per chain "
+                         f"({MIN_ESS_PER_CHAIN * num_chains} for {num_chains} chains): posterior summaries are "
+                         "noisy; run more sweeps.")
+    return lines
 
 
 def run_compare(args: argparse.Namespace) -> int:

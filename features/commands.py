@@ -80,7 +80,12 @@ def _register_embed(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_cache(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("cache", help="inspect or clear the embedding cache")
+    parser = subparsers.add_parser(
+        "cache", help="inspect or clear the embedding cache",
+        description="`cache info` lists the backbones, entries and size of the embedding cache; `cache clear` "
+                    "deletes all of it or one backbone's entries. The cache lives in --cache, else "
+                    "$DINODPMM_CACHE, else the user cache folder (~/.cache/dinodpmm/embeddings on Linux).",
+    )
     actions = parser.add_subparsers(dest="cache_action", metavar="ACTION", required=True)
     info = actions.add_parser("info", help="print the size, entries and backbones of the cache")
     _add_cache_argument(info)

@@ -18,6 +18,7 @@ Two kinds of posterior reach these functions:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -334,7 +335,30 @@ def summarize(idata: az.InferenceData, var_names: list[str] | None = None):
             varying.append(name)
     if not varying:
         return None, constants
-    return az.summary(idata, var_names=varying, hdi_prob=0.94), constants
+    if idata.posterior.sizes["chain"] > 1:
+        return az.summary(idata, var_names=varying, hdi_prob=0.94), constants
+    with _quiet_arviz():
+        return az.summary(idata, var_names=varying, hdi_prob=0.94), constants
+
+
+@contextlib.contextmanager
+def _quiet_arviz():
+    """Silence ArviZ's log while it computes R-hat of one chain.
+
+    ArviZ 0.23 logs "Shape validation failed ... minimum_shape: (chains=2, draws=4)" and
+    returns NaN; callers explain the NaN themselves. Its logger (``arviz._log``) is an
+    instance outside the ``logging`` registry, so ``logging.getLogger`` cannot reach it.
+    """
+    arviz_logger = getattr(az, "_log", None)
+    if arviz_logger is None:
+        yield
+        return
+    level = arviz_logger.level
+    arviz_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        arviz_logger.setLevel(level)
 
 
 # -- plots ---------------------------------------------------------------------------------

@@ -173,8 +173,10 @@ def run_cli(argv):
 def test_diagnose_run_dir(fixture, request, tmp_path, capsys):
     request.getfixturevalue(fixture).save(tmp_path / "posterior.safetensors")
     status = run_cli(["diagnose", str(tmp_path), "--num-points", "180", "--num-samples", str(NUM_SAMPLES)])
-    output = capsys.readouterr().out
+    captured = capsys.readouterr()
+    output = captured.out
     assert status == 0
+    assert "Shape validation failed" not in captured.out + captured.err
     assert (tmp_path / "inference_data.nc").is_file()
     assert (tmp_path / "figures" / "diagnostics" / "num_components.png").is_file()
     assert "ess_bulk" in output or "constant at" in output
@@ -182,6 +184,8 @@ def test_diagnose_run_dir(fixture, request, tmp_path, capsys):
         assert (tmp_path / "figures" / "diagnostics" / "trace.png").is_file()
         assert (tmp_path / "figures" / "diagnostics" / "rank.png").is_file()
         assert "chains: 2" in output
+        # Two chains of 8 kept sweeps cannot reach a bulk ESS of 200.
+        assert "warning: bulk ESS of num_components" in output
     else:
         assert (tmp_path / "figures" / "diagnostics" / "objective.png").is_file()
         assert (tmp_path / "figures" / "diagnostics" / "q_alpha.png").is_file()
@@ -226,3 +230,17 @@ def test_diagnose_invalid_option(svi_posterior, tmp_path, capsys, option, value,
     assert len(lines) == 1
     assert re.match(rf"error: {message}; ", lines[0]), lines[0]
     assert not (tmp_path / "inference_data.nc").exists()
+
+
+def test_convergence_warnings_flag_poor_mixing():
+    import pandas as pd
+
+    from dinodpmm.experiments.diagnostics_cli import convergence_warnings
+
+    summary = pd.DataFrame(
+        {"r_hat": [1.005, 1.2, 1.0], "ess_bulk": [900.0, 900.0, 150.0]}, index=["good", "unmixed", "short"]
+    )
+    lines = convergence_warnings(summary, num_chains=4)
+    assert len(lines) == 2
+    assert lines[0].startswith("warning: R-hat of unmixed is 1.2, above 1.01")
+    assert lines[1].startswith("warning: bulk ESS of short is 150, below 100 per chain (400 for 4 chains)")

@@ -24,6 +24,8 @@ def test_wheel_holds_only_the_dinodpmm_package(tmp_path):
     for subpackage in ("models", "inference", "features", "experiments"):
         assert f"dinodpmm/{subpackage}/__init__.py" in names
     assert not any(name.startswith("dinodpmm/tests/") for name in names)
+    for config in ("lgg_flair", "magnetic_tile", "brats2021", "resc", "liver"):
+        assert f"dinodpmm/experiments/configs/{config}.yaml" in names, config
 
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     script = "import dinodpmm.models, dinodpmm.inference; print(dinodpmm.models.__file__)"
