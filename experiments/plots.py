@@ -117,7 +117,9 @@ def _show_map(ax, case: Mapping[str, Any], method: str) -> None:
         ax.contour(case["mask"].astype(np.float32), levels=[0.5], colors="lime", linewidths=0.8)
     ax.set_title(f"{METHOD_LABELS.get(method, method)} anomaly map", fontsize=8)
     ax.set_axis_off()
-    ax.figure.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
+    bar = ax.figure.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
+    # Each panel has its own colour scale, from its lowest to its highest pixel score.
+    bar.set_label("anomaly score (this image)", fontsize=7)
 
 
 def plot_assignments(cases: Sequence[Mapping[str, Any]], path: Path, footer: str) -> Path:
@@ -142,7 +144,8 @@ def plot_assignments(cases: Sequence[Mapping[str, Any]], path: Path, footer: str
         _show_image(axes[row, 0], case["image"], case["mask"], case["title"])
         axes[row, 1].imshow(case["assignment"] % 20, cmap=colours, vmin=0, vmax=19, interpolation="nearest")
         num_used = len(np.unique(case["assignment"]))
-        axes[row, 1].set_title(f"nearest component per patch ({num_used} distinct)", fontsize=8)
+        repeat = "; 20 colours, repeating" if num_used > 20 else ""
+        axes[row, 1].set_title(f"nearest component per patch ({num_used} distinct{repeat})", fontsize=8)
         for ax in axes[row]:
             ax.set_axis_off()
     return _finish(figure, path, footer)
