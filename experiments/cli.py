@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default=DEFAULT_DEMO_DIR, metavar="DIR", help=f"run directory (default: {DEFAULT_DEMO_DIR})")
     demo.add_argument("--fast", action="store_true", help="fewer tiles and steps, for a quick check")
+    demo.add_argument("--force", action="store_true", help="overwrite a run directory that already contains a run")
     demo.set_defaults(handler=_demo)
 
     _register_optional(subparsers)
@@ -249,6 +250,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _check_run_out(args.out, args.force)
     metrics = run_demo(args.out, fast=args.fast, progress=args.verbose > 0)
     _print_summary(metrics)
     print(f"note: {metrics['note']}")

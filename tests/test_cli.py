@@ -284,3 +284,11 @@ def test_score_rejects_extreme_aspect(tmp_path, capsys):
         "the image into pieces of a less extreme aspect ratio, or lower the resolution "
         "(backbone.resolution in a config) to at most 41."
     )
+
+
+def test_demo_refuses_existing_run(tmp_path, capsys):
+    (tmp_path / "metrics.json").write_text("{}")
+    status = main(["demo", "--out", str(tmp_path), "--fast"])
+    assert status == EXIT_USER_ERROR
+    assert "already contains a run (metrics.json)" in _error_line(capsys)
+    assert (tmp_path / "metrics.json").read_text() == "{}"
