@@ -314,13 +314,18 @@ def _format(value) -> str:
 
 
 def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, backbone: str | None = None) -> Path:
-    """Plot held-out log-likelihood, number of components (with interval), wall time and AUROC per algorithm."""
+    """Plot held-out log-likelihood, number of components (with interval), wall time and AUROC per algorithm.
+
+    ``backbone`` is the footer line that names the backbone, for example from
+    :func:`dinodpmm.experiments.plots.backbone_label`.
+    """
     from matplotlib.figure import Figure
 
     names = [row["algorithm"] for row in rows]
     panels = [("heldout_log_likelihood", "held-out log-likelihood per patch"), ("num_components_mean", "components"),
               ("wall_time_s", "wall time (s)")]
-    panels += [(key, key.replace("_", " ")) for key in ("image_auroc", "pixel_auroc") if key in rows[0]]
+    panels += [(key, label) for key, label in (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"))
+               if key in rows[0]]
     figure = Figure(figsize=(3.2 * len(panels), 3.5))
     for axes, (key, label) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         values = np.array([row[key] for row in rows], dtype=np.float64)
@@ -332,7 +337,9 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: str | Path, *, backbon
         axes.bar(names, values, yerr=error, capsize=4)
         axes.set_title(label)
         axes.tick_params(axis="x", labelrotation=30)
-    figure.suptitle("algorithm comparison" + ("" if backbone is None else f" ({backbone})"))
+    figure.suptitle("algorithm comparison")
+    if backbone is not None:
+        figure.supxlabel(backbone, fontsize=8, color="0.3")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)

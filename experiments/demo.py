@@ -81,15 +81,16 @@ def make_demo_dataset(root: str | Path, *, fast: bool = False, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     grass, brick = skimage_data.grass(), skimage_data.brick()
     test_rows = (TRAIN_ROWS, grass.shape[0])
+    # Distinct file-name prefixes per split, so that figure titles tell the tiles apart.
     for i in range(counts["train"]):
-        _save(_random_tile(grass, (0, TRAIN_ROWS), rng), root / "train" / "good" / f"{i:03d}.png")
+        _save(_random_tile(grass, (0, TRAIN_ROWS), rng), root / "train" / "good" / f"train_{i:03d}.png")
     for i in range(counts["test_normal"]):
-        _save(_random_tile(grass, test_rows, rng), root / "test" / "good" / f"{i:03d}.png")
+        _save(_random_tile(grass, test_rows, rng), root / "test" / "good" / f"good_{i:03d}.png")
     for i in range(counts["test_anomalous"]):
         tile, patch, mask = _random_tile(grass, test_rows, rng), _random_tile(brick, (0, brick.shape[0]), rng), _ellipse_mask(rng)
         tile = np.where(mask, patch, tile)
-        _save(tile, root / "test" / DEFECT_NAME / f"{i:03d}.png")
-        _save(mask * 255, root / "ground_truth" / DEFECT_NAME / f"{i:03d}_mask.png")
+        _save(tile, root / "test" / DEFECT_NAME / f"brick_{i:03d}.png")
+        _save(mask * 255, root / "ground_truth" / DEFECT_NAME / f"brick_{i:03d}_mask.png")
     logger.info("wrote %d training and %d test tiles to %s", counts["train"],
                 counts["test_normal"] + counts["test_anomalous"], root)
     return root

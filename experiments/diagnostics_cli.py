@@ -236,7 +236,7 @@ def _prepare_comparison(config) -> _Comparison:
     import numpy as np
 
     from ..features import EmbeddingCache, embed_split
-    from ..inference.diagnostics import backbone_label
+    from . import plots
     from .compare import merged_options
     from .config import resolve_paths
     from .runner import backbone_from_config, evaluate_method, image_offsets, prepare_data, score_name
@@ -278,7 +278,7 @@ def _prepare_comparison(config) -> _Comparison:
     }
     heldout = np.asarray(splits["threshold"].patches, dtype=np.float32)
     return _Comparison(splits["train"].patches, heldout, merged_options(options), evaluate,
-                       backbone_label(backbone.describe()))
+                       plots.backbone_label(backbone.describe()))
 
 
 def _write_comparison(rows, out_dir: Path, backbone: str) -> list[Path]:

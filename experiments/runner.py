@@ -182,6 +182,9 @@ def prepare_data(config: Config) -> PreparedData:
     """
     if config.data.root is None:
         raise RunError("data.root is not set; set it in the config file or pass data.root=PATH.")
+    if not Path(config.data.root).is_dir():
+        raise RunError(f"dataset root {config.data.root} not found or not a directory; set data.root in the "
+                       "config file or pass data.root=PATH, the folder that contains the train and test splits.")
     dataset = open_dataset(config.data.root, config.data.layout)
     rng = np.random.default_rng(config.data.seed)
     train = [sample for sample in dataset.train if sample.label == 0]

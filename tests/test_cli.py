@@ -59,8 +59,8 @@ def test_missing_dataset(tmp_path, capsys):
     status = main(["run", str(LGG_CONFIG), f"data.root={tmp_path / 'absent'}", "--out", str(tmp_path / "run")])
     assert status == EXIT_USER_ERROR
     assert _error_line(capsys) == (
-        f"error: dataset root {tmp_path / 'absent'} does not exist or is not a directory. "
-        "Pass the folder that contains the train and test splits"
+        f"error: dataset root {tmp_path / 'absent'} not found or not a directory; set data.root in the config "
+        "file or pass data.root=PATH, the folder that contains the train and test splits."
     )
 
 
