@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 EXIT_USER_ERROR = 2
 # Files whose presence marks a directory as a run directory.
 RUN_FILES = ("posterior.safetensors", "metrics.json", "config.yaml")
+# Further outputs of a run (runner.STALE_OUTPUTS), which `run` and `fit` only overwrite with --force.
+RUN_OUTPUTS = ("metrics.json", "scores.csv", "figures", "evaluation.json", "inference_data.nc")
 DEFAULT_DEMO_DIR = "runs/demo"
 # Default --fpr of `score`, the same as `saved_runs.score_images` (not imported here, so
 # that `--help` does not load torch).
@@ -168,7 +170,7 @@ def _check_run_out(out: str, force: bool) -> None:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out} is a file; pass a directory for the run.")
-    existing = [name for name in RUN_FILES if (path / name).exists()]
+    existing = [name for name in dict.fromkeys((*RUN_FILES, *RUN_OUTPUTS)) if (path / name).exists()]
     if existing and not force:
         raise UserError(
             f"--out {out} already contains a run ({', '.join(existing)}); choose another "
@@ -198,7 +200,7 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from .runner import SCORES_FILE
-    from .saved_runs import earlier_scores, normal_reference, score_images
+    from .saved_runs import earlier_scores, score_images
 
     if not args.out.strip():
         raise UserError("--out is empty; pass the directory for scores.csv and the overlays.")
@@ -209,19 +211,17 @@ def _score(args: argparse.Namespace) -> int:
         raise UserError(f"--fpr must lie in (0, 1), got {args.fpr}; pass for example 0.05.")
     earlier = earlier_scores(out)
     if earlier and not args.force:
-        raise UserError(f"--out {args.out} already holds the output of an earlier `score` ({len(earlier)} files); "
-                        "choose another folder or pass --force to replace it.")
-    for path in earlier:
-        path.unlink()
-    rows = score_images(args.run_dir, args.images, args.out, fpr=args.fpr)
-    reference = normal_reference(args.run_dir)
+        raise UserError(f"--out {args.out} already contains the output of an earlier `score` ({len(earlier)} "
+                        "files); choose another folder or pass --force to replace it.")
+    report = score_images(args.run_dir, args.images, args.out, fpr=args.fpr, replace=args.force)
+    rows, reference = report.rows, report.reference
     print(f"run {args.run_dir}, backbone {rows[0]['backbone']}")
     if reference is None:
         print("no threshold: the run has no normal validation scores; run `dinodpmm evaluate "
               f"{args.run_dir}` to compute them")
     else:
-        above = sum(value > rows[0]["threshold"] for value in reference.scores)
-        print(f"threshold {rows[0]['threshold']:.6g}: {above} of the run's {len(reference.scores)} normal "
+        above = sum(value > report.threshold for value in reference.scores)
+        print(f"threshold {report.threshold:.6g}: {above} of the run's {len(reference.scores)} normal "
               f"validation images score above it (--fpr {args.fpr:g})")
     print("score".rjust(12) + "normal %".rjust(10) + "  flag       path")
     for row in rows:
@@ -234,7 +234,7 @@ def _score(args: argparse.Namespace) -> int:
     skipped = sum(bool(row["error"]) for row in rows)
     scored = len(rows) - skipped
     print(f"scored {scored} image{'' if scored == 1 else 's'}" + (f", skipped {skipped}" if skipped else "")
-          + f"; scores and overlays in {out / SCORES_FILE}")
+          + f"; scores in {out / SCORES_FILE}, overlays in {out}")
     return 0
 
 

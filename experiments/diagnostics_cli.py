@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def register(subparsers) -> None:
             f"summary (R-hat, bulk and tail ESS) and write figures under RUN_DIR/{FIGURES_DIR}/."
         ),
     )
-    diagnose.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run folder that contains posterior.safetensors")
+    diagnose.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                          help="run folder that contains posterior.safetensors")
     diagnose.add_argument(
         "--num-points", type=int, default=None,
         help="points whose occupied components are counted (default: the number the posterior was fitted on)",
@@ -153,10 +155,15 @@ def convergence_warnings(summary, num_chains: int) -> list[str]:
     """
     lines = []
     for name, row in summary.iterrows():
-        if row["r_hat"] > MAX_RHAT:
+        # ArviZ returns NaN for chains too short to split.
+        if math.isnan(row["r_hat"]) or math.isnan(row["ess_bulk"]):
+            lines.append(f"warning: R-hat and ESS of {name} are undefined, because each chain has too few "
+                         "kept draws (ArviZ needs at least 4); run more sweeps.")
+            continue
+        if not row["r_hat"] <= MAX_RHAT:
             lines.append(f"warning: R-hat of {name} is {row['r_hat']:.3g}, above {MAX_RHAT}: the chains have not "
                          "converged to one distribution; run more sweeps (fit.gibbs.num_sweeps) or a longer burn-in.")
-        if row["ess_bulk"] < MIN_ESS_PER_CHAIN * num_chains:
+        if not row["ess_bulk"] >= MIN_ESS_PER_CHAIN * num_chains:
             lines.append(f"warning: bulk ESS of {name} is {row['ess_bulk']:.0f}, below {MIN_ESS_PER_CHAIN} per chain "
                          f"({MIN_ESS_PER_CHAIN * num_chains} for {num_chains} chains): posterior summaries are "
                          "noisy; run more sweeps.")

@@ -25,6 +25,8 @@ METHOD_LABELS = {"dpmm": "DPMM", "memory_bank": "memory bank"}
 _DPI = 120
 # Longest side, in pixels, of an image drawn in an overlay panel (see _display_size).
 _MAX_DISPLAY_SIDE = 1024
+# PIL modes with more than 8 bits per pixel.
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 # Unit of the x axis of each algorithm's trace.
 _TRACE_UNITS = {"svi": "step", "gibbs": "sweep", "online-em": "epoch"}
 
@@ -41,9 +43,27 @@ def backbone_label(backbone: Mapping[str, Any]) -> str:
     return f"backbone: {name} (resolution {backbone.get('resolution', '?')})"
 
 
+def display_stride(height: int, width: int) -> int:
+    """Return the whole-number stride that brings the longer side to at most ``_MAX_DISPLAY_SIDE`` pixels."""
+    return max(1, -(-max(height, width) // _MAX_DISPLAY_SIDE))  # ceiling division
+
+
+def display_image(image) -> np.ndarray:
+    """Return a PIL image as grayscale float (height, width) in [0, 1], box-reduced for display if large.
+
+    Reducing the PIL image first keeps a large image from being copied to float64 at
+    full size (over 1 GB at 8000 x 8000 pixels).
+    """
+    stride = display_stride(image.height, image.width)
+    if stride > 1:
+        # PIL's reduce() rejects 16-bit modes, so those go through 32-bit float first.
+        image = (image.convert("F") if image.mode in _HIGH_DEPTH_MODES else image.convert("L")).reduce(stride)
+    return grayscale(image)
+
+
 def grayscale(image) -> np.ndarray:
     """Return an image as float (height, width) in [0, 1] for display, whatever its mode and bit depth."""
-    array = np.asarray(image.convert("F") if image.mode in ("I;16", "I;16B", "I;16L", "I", "F") else image.convert("L"),
+    array = np.asarray(image.convert("F") if image.mode in _HIGH_DEPTH_MODES else image.convert("L"),
                        dtype=np.float64)
     low, high = np.percentile(array, [0.5, 99.5])
     # The floor keeps a constant image finite (all zeros) instead of dividing by zero.
@@ -91,15 +111,26 @@ def _display_size(case: Mapping[str, Any]) -> dict[str, Any]:
     changes nothing visible, while matplotlib's RGBA copies of an 8000 x 8000 image
     would take gigabytes.
     """
-    stride = max(1, -(-max(case["image"].shape) // _MAX_DISPLAY_SIDE))  # ceiling division
+    stride = display_stride(*case["image"].shape)
     if stride == 1:
         return dict(case)
 
     def shrink(array: np.ndarray) -> np.ndarray:
         return np.asarray(array)[::stride, ::stride]
 
-    return {**case, "image": shrink(case["image"]), "mask": shrink(case["mask"]),
+    return {**case, "image": shrink(case["image"]), "mask": _max_pool(np.asarray(case["mask"], dtype=bool), stride),
             "maps": {method: shrink(heat) for method, heat in case["maps"].items()}}
+
+
+def _max_pool(mask: np.ndarray, stride: int) -> np.ndarray:
+    """Reduce a bool mask by ``stride`` so that a block is True when any of its pixels is (thin defects stay visible).
+
+    The output has the shape of ``mask[::stride, ::stride]``; edge blocks may be partial.
+    """
+    height, width = mask.shape
+    padded = np.zeros((-(-height // stride) * stride, -(-width // stride) * stride), dtype=bool)
+    padded[:height, :width] = mask
+    return padded.reshape(padded.shape[0] // stride, stride, padded.shape[1] // stride, stride).any(axis=(1, 3))
 
 
 def _show_image(ax, image: np.ndarray, mask: np.ndarray, title: str) -> None:

@@ -296,8 +296,10 @@ class FitResult:
 def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progress: bool = False) -> FitResult:
     """Embed the training images (through the cache) and fit the mixture that ``config`` describes.
 
-    With ``out_dir``, writes ``config.yaml`` and ``posterior.safetensors`` there, after
-    deleting the outputs of an earlier run in it (``STALE_OUTPUTS``).
+    With ``out_dir``, writes ``config.yaml`` and ``posterior.safetensors`` there. When
+    ``out_dir`` already has a posterior, the outputs computed from it (``STALE_OUTPUTS``)
+    are deleted first; this happens after the fit, so an error before it leaves the
+    earlier run whole.
     """
     config = resolve_paths(config)
     timings: dict[str, float] = {}
@@ -313,7 +315,8 @@ def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progre
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_outputs(out_dir)
+        if (out_dir / POSTERIOR_FILE).exists():
+            _remove_stale_outputs(out_dir)
         save_config(config, out_dir / CONFIG_FILE)
         posterior.save(out_dir / POSTERIOR_FILE)
         digest = posterior_digest(out_dir / POSTERIOR_FILE)
@@ -323,10 +326,7 @@ def fit_from_config(config: Config, out_dir: str | Path | None = None, *, progre
 
 
 def _remove_stale_outputs(out_dir: Path) -> None:
-    """Delete the outputs an earlier run left in ``out_dir``, which describe the posterior about to be replaced.
-
-    The caller runs it after the fit succeeded, so a failed run leaves the earlier one whole.
-    """
+    """Delete the outputs an earlier run left in ``out_dir``, which describe the posterior about to be replaced."""
     for name in STALE_OUTPUTS:
         path = out_dir / name
         if path.is_dir() and not path.is_symlink():
@@ -531,7 +531,8 @@ def finite_or_none(value: Any) -> Any:
 def _metrics_document(fitted: FitResult, results: dict[str, MethodResult], timings: dict[str, float]) -> dict:
     config, posterior = fitted.config, fitted.posterior
     count = posterior.num_components(fitted.train.num_patches, NUM_COMPONENT_DRAWS, seed=config.fit.seed)
-    saturated = count.interval(0.94)[1] >= posterior.truncation
+    # Gibbs has no truncation: its posterior.truncation counts the clusters it found.
+    saturated = None if posterior.algorithm == "gibbs" else bool(count.interval(0.94)[1] >= posterior.truncation)
     if saturated:
         logger.warning(
             "all %d components are occupied in some posterior draws, so the truncation bounds the "

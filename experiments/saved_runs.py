@@ -24,7 +24,7 @@ from ..features import Backbone, ImageReadError, load_image
 from ..features.datasets import is_image_file
 from ..inference import Posterior
 from . import plots
-from .config import Config, load_config
+from .config import Config, load_config, resolve_paths
 from .runner import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -59,7 +59,8 @@ def _open_run(run_dir: str | Path) -> tuple[Path, Config]:
     if run_dir.is_file():
         raise RunError(f"run directory {run_dir} is a file; pass the directory that contains it ({run_dir.parent}).")
     if not run_dir.is_dir():
-        raise RunError(f"run directory {run_dir} not found; pass a directory written by `dinodpmm run` or `dinodpmm fit`.")
+        raise RunError(f"run directory {run_dir} not found; pass a directory written by `dinodpmm run` or "
+                       "`dinodpmm fit`.")
     for name in (CONFIG_FILE, POSTERIOR_FILE):
         if not (run_dir / name).is_file():
             raise RunError(f"run directory {run_dir} has no {name}; pass a directory written by "
@@ -144,6 +145,8 @@ def evaluate_run(run_dir: str | Path, *, memory_bank: bool = False, progress: bo
     """
     run_dir = Path(run_dir)
     config, posterior, backbone = load_run(run_dir)
+    # A hand-edited data.root may start with ~ or be relative to the current directory.
+    config = resolve_paths(config)
     _check_writable(run_dir / EVALUATION_FILE)
     if not Path(config.data.root).is_dir():
         raise RunError(f"dataset root {config.data.root} of the run not found; if the data moved, set data.root "
@@ -305,8 +308,27 @@ def _image_files(paths: Sequence[str | Path], out_dir: Path) -> list[Path]:
     return files
 
 
+@dataclasses.dataclass
+class ScoreReport:
+    """What :func:`score_images` computed and wrote.
+
+    Attributes
+    ----------
+    rows : list of dict
+        The rows of ``scores.csv``, one per image.
+    reference : NormalReference or None
+        The run's normal validation image scores; None when the run has none.
+    threshold : float or None
+        The image-score threshold at the requested false-positive rate.
+    """
+
+    rows: list[dict[str, Any]]
+    reference: NormalReference | None
+    threshold: float | None
+
+
 def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str | Path, *,
-                 fpr: float = DEFAULT_SCORE_FPR) -> list[dict[str, Any]]:
+                 fpr: float = DEFAULT_SCORE_FPR, replace: bool = False) -> ScoreReport:
     """Score new images with a saved run's posterior and write overlays and a CSV to ``out_dir``.
 
     Parameters
@@ -319,11 +341,14 @@ def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str 
         Receives ``scores.csv`` and one ``<index>_<stem>_overlay.png`` per image.
     fpr : float
         Fraction of the run's normal validation images allowed above the threshold.
+    replace : bool
+        Delete the ``scores.csv`` and overlays of an earlier call in ``out_dir``
+        (:func:`earlier_scores`) once the run and the inputs are found.
 
     Returns
     -------
-    list of dict
-        The CSV rows: ``path``, ``score`` (the image score), ``threshold`` and
+    ScoreReport
+        ``rows`` are the CSV rows: ``path``, ``score`` (the image score), ``threshold`` and
         ``above_threshold`` (empty when the run has no normal validation scores, see
         :func:`normal_reference`), ``normal_percentile`` (percentage of normal
         validation images scoring lower), ``max_patch_score``, ``overlay``,
@@ -333,16 +358,21 @@ def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str 
     Raises
     ------
     RunError
-        If the run cannot be loaded, a path does not exist, or no image could be
-        scored (``scores.csv`` is written first).
+        If the run cannot be loaded, ``paths`` is empty, a path does not exist, or no
+        image could be scored (``scores.csv`` is written first).
     """
     if not 0.0 < fpr < 1.0:
         raise RunError(f"fpr must lie in (0, 1), got {fpr!r}; pass for example 0.05.")
+    if not paths:
+        raise RunError("paths is empty; pass image files or folders of images.")
     config, posterior, backbone = load_run(run_dir)
     reference = normal_reference(run_dir)
     threshold = None if reference is None else reference.threshold(fpr)
     out_dir = Path(out_dir)
     files = _image_files(paths, out_dir)
+    if replace:
+        for path in earlier_scores(out_dir):
+            path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, path in enumerate(files):
@@ -364,7 +394,7 @@ def score_images(run_dir: str | Path, paths: Sequence[str | Path], out_dir: str 
     _write_rows(out_dir / SCORES_FILE, rows)
     if all(row["error"] for row in rows):
         raise RunError(f"none of the {len(rows)} images could be scored; the first failed with: {rows[0]['error']}")
-    return rows
+    return ScoreReport(rows, reference, threshold)
 
 
 def _score_image(path: Path, overlay: Path, config: Config, posterior: Posterior,
@@ -374,8 +404,11 @@ def _score_image(path: Path, overlay: Path, config: Config, posterior: Posterior
     tokens, grid = backbone.embed([image])
     scores = patch_scores(posterior, tokens[0], score_name(config, backbone), config.score.min_weight)
     value = image_score(scores, config.score.top_fraction)
-    heat = anomaly_map(scores, grid, (image.height, image.width), config.score.sigma)
-    case = {"title": f"{path.name}: score {value:.4g}", "image": plots.grayscale(image),
+    display = plots.display_image(image)
+    # The map is drawn at the display size; sigma is in pixels of the original image.
+    stride = plots.display_stride(image.height, image.width)
+    heat = anomaly_map(scores, grid, display.shape, config.score.sigma / stride)
+    case = {"title": f"{path.name}: score {value:.4g}", "image": display,
             "mask": np.zeros(heat.shape, dtype=bool), "maps": {"dpmm": heat}}
     plots.plot_overlays([case], overlay, plots.backbone_label(backbone.describe()))
     return value, float(scores.max()), overlay
@@ -391,6 +424,7 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 __all__ = [
     "EVALUATION_FILE",
     "NormalReference",
+    "ScoreReport",
     "earlier_scores",
     "evaluate_run",
     "load_run",

@@ -6,7 +6,8 @@ builds its parser without importing torch and timm.
 
 from .._lazy import lazy_exports
 
-# Public name -> module (relative to this package) that defines it.
+# Public name -> module (relative to this package) that defines it. No name may equal
+# a submodule's name: importing the submodule would rebind the package attribute.
 _EXPORTS = {
     "DinoV2Backbone": ".backbones",
     "available_backbones": ".backbones",
@@ -32,7 +33,6 @@ _EXPORTS = {
     "ImageReadError": ".preprocess",
     "grid_shape": ".preprocess",
     "load_image": ".preprocess",
-    "preprocess": ".preprocess",
 }
 
 __all__ = sorted(_EXPORTS)

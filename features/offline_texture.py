@@ -22,9 +22,9 @@ its median and divided by its 10%-90% range:
   saturating at 3 patches, so patches at the border of a crop, which look unlike
   the interior, are compared with other border patches.
 
-Each feature is multiplied by a fixed constant (see ``_FEATURE_SCALES``), never by a
-statistic fitted at run time, so the embedding of one image does not depend on other
-images.
+Each feature is multiplied by a fixed constant (see ``_FEATURE_SCALES``; all are 1 in
+this version), never by a statistic fitted at run time, so the embedding of one image
+does not depend on other images.
 """
 
 from __future__ import annotations
@@ -63,8 +63,9 @@ _PRE_BLUR_SIGMA = 1.0
 _GAUSSIAN_TRUNCATE = 3.0
 
 # Inner standard deviations, in preprocessed pixels, of the difference-of-Gaussians
-# filters. The outer standard deviation is twice the inner one. At the default resolution of 448 one
-# source pixel of a 250 px tile image is about 1.8 preprocessed pixels.
+# filters. The outer standard deviation is twice the inner one. At the default
+# resolution of 448, one source pixel of a 250 px tile image is about 1.8 preprocessed
+# pixels.
 _DOG_SIGMAS = (1.0, 2.0, 4.0)
 
 # Side lengths, in patches, of the centred context windows of the intensity
@@ -111,10 +112,12 @@ FEATURE_NAMES = (
 # image. Every feature has weight 1. Intensity features are in units of the image's
 # 10%-90% range, so brightness, contrast and the patch extremes dominate. The
 # derivative and blob features, whose interquartile ranges on normal magnetic tile
-# patches are 0.01 to 0.06, refine the match. Edge distances lie in [0, 1]. Rescaling each feature to a unit interquartile range on 60 normal
-# magnetic_tile training images was the alternative. On synthetic dark spots, lines
-# and texture patches pasted into held-out training images, both weightings gave a
-# patch AUROC of about 0.84, and unit weights a higher image AUROC (0.60 against 0.55).
+# patches are 0.01 to 0.06, refine the match. Edge distances lie in [0, 1].
+# Rescaling each feature to a unit interquartile range on 60 normal magnetic_tile
+# training images was the alternative. In a one-off experiment (not kept in
+# benchmarks/) with synthetic dark spots, lines and texture patches pasted into 40
+# held-out training images, both weightings gave a patch AUROC of about 0.84, and unit
+# weights a higher image AUROC (0.60 against 0.55).
 # NOTE: the weights were chosen on one dataset of grey-level tiles with vertical
 # streaks. Surfaces with other textures may need other weights.
 _FEATURE_SCALES = {name: 1.0 for name in FEATURE_NAMES}

@@ -292,3 +292,20 @@ def test_demo_refuses_existing_run(tmp_path, capsys):
     assert status == EXIT_USER_ERROR
     assert "already contains a run (metrics.json)" in _error_line(capsys)
     assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_features_exports_survive_submodule_import():
+    # A lazy export named like a submodule would turn into the module once the submodule is imported.
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil\n"
+        "for name in ('dinodpmm.features', 'dinodpmm.experiments'):\n"
+        "    package = importlib.import_module(name)\n"
+        "    for module in pkgutil.iter_modules(package.__path__):\n"
+        "        importlib.import_module(f'{name}.{module.name}')\n"
+        "    print(sorted(n for n in package._EXPORTS if type(getattr(package, n)).__name__ == 'module'))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert output.split() == ["[]", "[]"]

@@ -238,9 +238,11 @@ def test_convergence_warnings_flag_poor_mixing():
     from dinodpmm.experiments.diagnostics_cli import convergence_warnings
 
     summary = pd.DataFrame(
-        {"r_hat": [1.005, 1.2, 1.0], "ess_bulk": [900.0, 900.0, 150.0]}, index=["good", "unmixed", "short"]
+        {"r_hat": [1.005, 1.2, 1.0, float("nan")], "ess_bulk": [900.0, 900.0, 150.0, float("nan")]},
+        index=["good", "unmixed", "short", "tiny"],
     )
     lines = convergence_warnings(summary, num_chains=4)
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith("warning: R-hat of unmixed is 1.2, above 1.01")
     assert lines[1].startswith("warning: bulk ESS of short is 150, below 100 per chain (400 for 4 chains)")
+    assert lines[2].startswith("warning: R-hat and ESS of tiny are undefined")

@@ -352,7 +352,7 @@ def test_score_refuses_earlier_scores(lgg_run, tmp_path, capsys):
     assert main(["score", str(lgg_run), *map(str, images), "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["score", str(lgg_run), str(images[0]), "--out", str(out)]) == 2
-    assert "already holds the output of an earlier `score` (3 files)" in capsys.readouterr().err
+    assert "already contains the output of an earlier `score` (3 files)" in capsys.readouterr().err
     assert len(list(out.glob("*_overlay.png"))) == 2
     assert main(["score", str(lgg_run), str(images[0]), "--out", str(out), "--force"]) == 0
     assert len(list(out.glob("*_overlay.png"))) == 1
@@ -390,3 +390,39 @@ def test_score_rejects_changed_backbone(lgg_run, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "differs from the one the posterior was fitted with (weights_digest" in error
     assert "resolution 448 at the fit, 224 now" in error
+
+
+def test_fit_keeps_user_files_without_run(tmp_path, cache_dir, capsys):
+    out = tmp_path / "paper"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "fig1.pdf").write_text("mine")
+    argv = ["fit", str(LGG_CONFIG), f"data.root={_lgg_root()}", f"cache.dir={cache_dir}", *SMALL_RUN, "--out", str(out)]
+    assert main(argv) == 2
+    assert "already contains a run (figures)" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    assert (out / "figures" / "fig1.pdf").read_text() == "mine"
+
+
+def test_score_force_keeps_files_on_error(lgg_run, tmp_path, capsys):
+    image = sorted((_lgg_root() / "test" / "good" / "img").glob("*.png"))[0]
+    out = tmp_path / "scored"
+    assert main(["score", str(lgg_run), str(image), "--out", str(out)]) == 0
+    before = sorted(path.name for path in out.iterdir())
+    assert main(["score", str(tmp_path / "typo"), str(image), "--out", str(out), "--force"]) == 2
+    assert sorted(path.name for path in out.iterdir()) == before
+
+
+def test_score_images_rejects_empty_paths(lgg_run, tmp_path):
+    from dinodpmm.experiments.runner import RunError
+    from dinodpmm.experiments.saved_runs import score_images
+
+    with pytest.raises(RunError, match="paths is empty"):
+        score_images(lgg_run, [], tmp_path / "scored")
+    assert not (tmp_path / "scored").exists()
+
+
+def test_cli_run_outputs_match_runner():
+    from dinodpmm.experiments.cli import RUN_OUTPUTS
+    from dinodpmm.experiments.runner import STALE_OUTPUTS
+
+    assert set(RUN_OUTPUTS) == set(STALE_OUTPUTS)
