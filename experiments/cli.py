@@ -184,7 +184,8 @@ def _run(args: argparse.Namespace) -> int:
     _check_run_out(args.out, args.force)
     metrics = run_experiment(_load_config(args), args.out, progress=args.verbose > 0)
     _print_summary(metrics)
-    print(f"run directory: {args.out} (metrics.json, scores.csv, figures/)")
+    written = "metrics.json, scores.csv" + (", figures/" if (Path(args.out) / "figures").is_dir() else "")
+    print(f"run directory: {args.out} ({written})")
     return 0
 
 
