@@ -110,7 +110,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise RunError(f"{path} is not valid JSON ({error}); rerun `dinodpmm {command}` to rewrite it.") from None
     if not isinstance(document, dict):
-        raise RunError(f"{path} holds a JSON {type(document).__name__}, not an object; rerun `dinodpmm {command}` "
+        raise RunError(f"{path} contains a JSON {type(document).__name__}, not an object; rerun `dinodpmm {command}` "
                        "to rewrite it.")
     return document
 
@@ -310,7 +310,7 @@ def _image_files(paths: Sequence[str | Path], out_dir: Path) -> list[Path]:
 
 @dataclasses.dataclass
 class ScoreReport:
-    """What :func:`score_images` computed and wrote.
+    """The result of :func:`score_images`: the rows it wrote and the threshold it used.
 
     Attributes
     ----------
