@@ -10,14 +10,18 @@ from conftest import REPO_ROOT
 
 @pytest.mark.slow
 def test_wheel_holds_only_the_dinodpmm_package(tmp_path):
+    # Build from a copy: setuptools reuses a build/ folder in the source tree, which would
+    # put files deleted since an earlier build into the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(REPO_ROOT), "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
          "-w", str(tmp_path), "-q"],
         check=True,
         capture_output=True,
     )
     (wheel,) = tmp_path.glob("dinodpmm-*.whl")
-    shutil.rmtree(REPO_ROOT / "dinodpmm.egg-info", ignore_errors=True)
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names}
     assert top_level == {"dinodpmm", wheel.name.split("-py")[0] + ".dist-info"}

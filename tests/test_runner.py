@@ -426,3 +426,15 @@ def test_cli_run_outputs_match_runner():
     from dinodpmm.experiments.runner import STALE_OUTPUTS
 
     assert set(RUN_OUTPUTS) == set(STALE_OUTPUTS)
+
+
+def test_evaluate_expands_home_in_data_root(lgg_run, tmp_path, monkeypatch):
+    run_copy = _copy_run(lgg_run, tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "lgg").symlink_to(_lgg_root())
+    monkeypatch.setenv("HOME", str(home))
+    config = (run_copy / "config.yaml").read_text()
+    (run_copy / "config.yaml").write_text(config.replace(str(_lgg_root()), "~/lgg"))
+    recomputed = evaluate_run(run_copy)
+    assert recomputed["dpmm"]["image_auroc"] == pytest.approx(_metrics(lgg_run)["dpmm"]["image_auroc"], rel=1e-12)
