@@ -117,6 +117,12 @@ def fit_sklearn(
     total_points = len(data)
     if subsample is not None and not (isinstance(subsample, (int, np.integer)) and subsample >= 2):
         raise ValueError(f"subsample must be None or an integer of at least 2, got {subsample!r}.")
+    num_points = total_points if subsample is None else min(int(subsample), total_points)
+    if num_points < truncation:
+        raise ValueError(
+            f"fit_sklearn needs at least truncation = {truncation} points, got {num_points} "
+            f"(subsample={subsample!r}, {total_points} rows); raise subsample or lower truncation."
+        )
     if subsample is not None and subsample < total_points:
         rows = np.sort(np.random.default_rng(seed).choice(total_points, size=int(subsample), replace=False))
         data = data[torch.as_tensor(rows)] if isinstance(data, torch.Tensor) else np.asarray(data)[rows]

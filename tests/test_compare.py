@@ -113,6 +113,8 @@ def test_sklearn_subsample():
     np.testing.assert_allclose(posterior.params["loc"].numpy(), model.means_)
     with pytest.raises(ValueError, match="subsample must be None or an integer of at least 2, got 1"):
         fit_sklearn(data, subsample=1)
+    with pytest.raises(ValueError, match=r"needs at least truncation = 6 points, got 5 \(subsample=5, 600 rows\)"):
+        fit_sklearn(data, truncation=6, subsample=5)
 
 
 def test_sklearn_rejects_covariance():
