@@ -199,6 +199,7 @@ def run_compare(args: argparse.Namespace) -> int:
         # table is rewritten after each so that an interrupted run keeps its rows.
         print(f"fitting {name} on {comparison.train_description(name)} ...", flush=True)
         rows += comparison.run(name)
+        rows[-1]["backbone"] = comparison.options["provenance"]["backbone"]["name"]
         print(f"{name}: fitted in {rows[-1]['wall_time_s']:.1f} s, image AUROC {rows[-1]['image_auroc']:.4f}, "
               f"pixel AUROC {rows[-1]['pixel_auroc']:.4f}", flush=True)
         paths = _write_comparison(rows, out_dir, comparison.backbone)

@@ -184,6 +184,7 @@ def test_compare_command_on_brain_mri(lgg_root, tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert [row["algorithm"] for row in rows] == ["svi", "gibbs", "online-em", "sklearn"]
     for row in rows:
+        assert row["backbone"] == "offline", row["algorithm"]
         assert 0.0 <= float(row["image_auroc"]) <= 1.0, row["algorithm"]
         assert 0.0 <= float(row["pixel_auroc"]) <= 1.0, row["algorithm"]
     assert (out / "comparison.png").stat().st_size > 0
