@@ -157,7 +157,7 @@ def _configure_logging(verbosity: int) -> None:
     levels = {0: logging.WARNING, 1: logging.INFO}
     level = levels.get(verbosity, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # ArviZ logs notes about optional packages at INFO on import; they say nothing about the run.
+    # ArviZ logs notes about optional packages at INFO on import, which are not about the run.
     logging.getLogger("arviz").setLevel(max(level, logging.WARNING))
 
 

@@ -35,7 +35,7 @@ INTERVAL_PROBABILITY = 0.94
 
 # Defaults of `compare_algorithms`; `options` overrides any of them, per algorithm under
 # the algorithm's name. Collapsed Gibbs costs one Python-level step per point and sweep,
-# so it runs on a random subsample of the training patches; scikit-learn's batch updates
+# so it runs on a random subsample of the training patches. scikit-learn's batch updates
 # touch every point in every iteration, so it gets a (larger) subsample too.
 DEFAULT_OPTIONS: dict[str, Any] = {
     "truncation": 50,

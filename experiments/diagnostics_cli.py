@@ -181,8 +181,8 @@ def run_compare(args: argparse.Namespace) -> int:
     algorithms = list(dict.fromkeys(name for name in args.algorithms if "=" not in name))
     unknown = [name for name in algorithms if name not in ALGORITHMS]
     if unknown or not algorithms:
-        given = " ".join(unknown) if unknown else "none"
-        return _error(f"--algorithms takes names from {', '.join(ALGORITHMS)}, got {given}.")
+        invalid = " ".join(unknown) if unknown else "none"
+        return _error(f"--algorithms takes names from {', '.join(ALGORITHMS)}, got {invalid}.")
     if not Path(args.config).is_file():
         return _error(f"config file not found: {args.config}; pass a YAML experiment configuration.")
     out_dir = Path(args.out) if args.out is not None else Path(f"compare-{Path(args.config).stem}")
@@ -220,7 +220,7 @@ class _Comparison:
     backbone: str
 
     def train_description(self, name: str) -> str:
-        """Describe the training patches ``name`` sees, for the progress line."""
+        """Describe the training patches that algorithm ``name`` is fitted on, for the progress line."""
         total = len(self.train)
         if name == "gibbs":
             gibbs = self.options["gibbs"]

@@ -23,7 +23,7 @@ from ..features.backbones import OFFLINE_BACKBONES
 METHOD_COLORS = {"dpmm": "tab:blue", "memory_bank": "tab:orange"}
 METHOD_LABELS = {"dpmm": "DPMM", "memory_bank": "memory bank"}
 _DPI = 120
-# Longest side, in pixels, of an image drawn in an overlay panel (see _display_size).
+# Maximum side length, in pixels, of an image drawn in an overlay panel (see _display_size).
 _MAX_DISPLAY_SIDE = 1024
 # PIL modes with more than 8 bits per pixel.
 _HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")

@@ -22,9 +22,9 @@ its median and divided by its 10%-90% range:
   saturating at 3 patches, so patches at the border of a crop, which look unlike
   the interior, are compared with other border patches.
 
-Each feature is multiplied by a fixed constant (see ``_FEATURE_SCALES``; all are 1 in
-this version), never by a statistic fitted at run time, so the embedding of one image
-does not depend on other images.
+Each feature is multiplied by a fixed constant (``_FEATURE_SCALES``, all 1 in this
+version). No statistic is fitted at run time, so the embedding of one image does not
+depend on other images.
 """
 
 from __future__ import annotations
@@ -114,10 +114,10 @@ FEATURE_NAMES = (
 # derivative and blob features, whose interquartile ranges on normal magnetic tile
 # patches are 0.01 to 0.06, refine the match. Edge distances lie in [0, 1].
 # Rescaling each feature to a unit interquartile range on 60 normal magnetic_tile
-# training images was the alternative. In a one-off experiment (not kept in
-# benchmarks/) with synthetic dark spots, lines and texture patches pasted into 40
-# held-out training images, both weightings gave a patch AUROC of about 0.84, and unit
-# weights a higher image AUROC (0.60 against 0.55).
+# training images was the alternative. A one-off experiment, not kept in benchmarks/,
+# pasted synthetic dark spots, lines and texture patches into 40 held-out training
+# images. Both weightings gave a patch AUROC of about 0.84 there, and unit weights the
+# higher image AUROC (0.60 against 0.55).
 # NOTE: the weights were chosen on one dataset of grey-level tiles with vertical
 # streaks. Surfaces with other textures may need other weights.
 _FEATURE_SCALES = {name: 1.0 for name in FEATURE_NAMES}

@@ -229,9 +229,9 @@ class Posterior:
         """Return the fewest components whose weights sum to at least ``mass``.
 
         Without sampler draws the count is taken on the expected weights. With draws
-        (Gibbs) it is the median of the per-draw counts: the expected weights pool the
-        final states of all chains, whose clusters duplicate each other, so counting
-        them would multiply the answer by about the number of chains.
+        (Gibbs) it is the median of the per-draw counts, because the expected weights
+        pool the final states of all chains. Their clusters duplicate each other, so
+        counting them would multiply the count by about the number of chains.
         """
         if not 0.0 < mass <= 1.0:
             raise ValueError(f"mass must lie in (0, 1], got {mass!r}.")

@@ -302,7 +302,7 @@ def test_separated_clusters_converge():
 
 
 def test_effective_components_per_chain():
-    # Four chains each settle on the three clusters; the pooled weights hold twelve
+    # Four chains each settle on the three clusters. The pooled weights contain twelve
     # clusters of about 1/12, while each draw needs three for 99% of its mass.
     points, _ = separated_data()
     posterior = fit_gibbs(points, num_chains=4, num_sweeps=40, burn_in=20, seed=1, progress=False)
